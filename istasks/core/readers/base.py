@@ -1,0 +1,82 @@
+"""The small protocol every detector reader implements, and the values it returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import numpy.typing as npt
+
+Meta = dict[str, Any]
+
+
+class PixelMask:
+    """Invalid pixels of a detector (module gaps, dead, hot, beamstop...).
+
+    ``bad`` is a read-only boolean image, True where a pixel must be ignored. The flat
+    index of bad pixels is computed once and shared by every frame of the dataset,
+    because zeroing a few hundred thousand indices is far cheaper than a full-frame
+    ``np.where`` on every read.
+    """
+
+    __slots__ = ("_flat", "bad")
+
+    def __init__(self, bad: npt.NDArray[np.bool_]) -> None:
+        bad.setflags(write=False)
+        self.bad = bad
+        self._flat: npt.NDArray[np.intp] | None = None
+
+    @property
+    def flat_index(self) -> npt.NDArray[np.intp]:
+        """Flat (C-order) indices of the bad pixels, cached."""
+        if self._flat is None:
+            self._flat = np.flatnonzero(self.bad)
+        return self._flat
+
+    @property
+    def count(self) -> int:
+        """Number of bad pixels."""
+        return int(self.flat_index.size)
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One detector frame at full depth.
+
+    ``pixels`` is 2-D (rows, columns), uint16 or uint32, owned by the caller (the reader
+    hands out a fresh array, so the pipeline may modify it in place). ``mask`` is None
+    when the file has no mask ("no masked pixels", never an error). ``saturation`` is the
+    value that marks a saturated/overloaded pixel (0xFFFF or 0xFFFFFFFF as in the
+    original). ``meta`` is the detector metadata with the exact JSON names of the spec,
+    including ``image_depth``, ``fn``, ``frame``, ``first_frame`` and ``last_frame``.
+    """
+
+    pixels: npt.NDArray[np.unsignedinteger[Any]]
+    mask: PixelMask | None
+    saturation: int
+    meta: Meta
+
+
+@runtime_checkable
+class FrameReader(Protocol):
+    """An opened detector file. One module per format implements this."""
+
+    path: str
+
+    @property
+    def frame_count(self) -> int:
+        """Number of frames the dataset declares (1 for single-image formats)."""
+        ...
+
+    def meta(self) -> Meta:
+        """Detector metadata with the spec's JSON names (no per-request keys)."""
+        ...
+
+    def read_frame(self, frame: int) -> Frame:
+        """Read frame ``frame`` (1-based). Raises FrameNotFound / DataUnavailable."""
+        ...
+
+    def close(self) -> None:
+        """Release file handles."""
+        ...

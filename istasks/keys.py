@@ -1,0 +1,43 @@
+"""Every Redis key prefix the service writes, defined once.
+
+Cache keys start with the ESAF gid (``is:r:<gid>:``) so that a per-gid Redis ACL user
+(``~is:r:<gid>:*``) can be given exactly its own ESAF's entries.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+PREFIX = "is"
+REDUCED = f"{PREFIX}:r"  # reduced full-depth images, per gid
+LOCK = f"{PREFIX}:lock"  # single-flight computation locks, per gid
+STATS = f"{PREFIX}:stats"  # counters (cache hits, computations)
+WORKERS = f"{PREFIX}:workers"  # supervisor's registry of live workers
+ENSURE = f"{PREFIX}:ensure"  # supervisor request channel
+PROGRESS = f"{PREFIX}:progress"  # prefetch progress, per job
+
+
+def file_identity(path: str, mtime_ns: int, size: int) -> str:
+    """Short digest of (path, mtime, size): a rewritten file never matches an old key."""
+    raw = f"{path}\0{mtime_ns}\0{size}".encode()
+    return hashlib.blake2b(raw, digest_size=12).hexdigest()
+
+
+def reduced_key(gid: int, file_id: str, view_token: str) -> str:
+    """Cache key of one reduced image of one frame/window/size of one file version."""
+    return f"{REDUCED}:{gid}:{file_id}:{view_token}"
+
+
+def lock_key(gid: int, cache_key: str) -> str:
+    """Lock that makes identical concurrent requests compute once."""
+    return f"{LOCK}:{gid}:{cache_key}"
+
+
+def gid_pattern(gid: int) -> list[str]:
+    """Key patterns a worker of ESAF ``gid`` may touch (for Redis ACLs)."""
+    return [f"{REDUCED}:{gid}:*", f"{LOCK}:{gid}:*", f"{STATS}:{gid}:*"]
+
+
+def stats_key(gid: int, name: str) -> str:
+    """Counter ``name`` of ESAF ``gid`` (e.g. ``hits``, ``computed``)."""
+    return f"{STATS}:{gid}:{name}"

@@ -1,0 +1,144 @@
+"""The one settings object: every knob of the service, read from ``IS_*`` variables.
+
+Read it through :func:`get_settings` (cached); tests call :func:`reset_settings` after
+changing the environment. Nothing else in the project reads ``os.environ`` for
+configuration. This module imports only the standard library so the bridge stays light.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+ENV_PREFIX = "IS_"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Service configuration. Field ``foo_bar`` is read from ``IS_FOO_BAR``."""
+
+    # Redis: one URL serves broker, results and cache unless the specific ones are set.
+    redis_url: str | None = None
+    broker_url: str | None = None
+    result_url: str | None = None
+    cache_url: str | None = None
+    session_redis_url: str | None = None
+    session_public_key: str | None = None
+    identity_policy: str = "user"  # "user" (original) or "esaf" (2025 fork)
+
+    # ZeroMQ: connect to an is_proxy DEALER, or bind our own ROUTER when standalone.
+    proxy_endpoint: str | None = None
+    bind_endpoint: str | None = None
+
+    # Task envelopes: per-queue keys are derived from this master secret.
+    task_secret: str | None = None
+    task_secret_file: str | None = None
+    task_max_age_s: float = 120.0
+
+    # Request deadlines (the bridge always answers; these bound how long it waits).
+    view_timeout_s: float = 20.0
+    index_timeout_s: float = 1800.0
+    worker_start_timeout_s: float = 5.0
+
+    # Image core and cache.
+    jpeg_quality: int = 90
+    cache_ttl_s: int = 3600
+    lru_max_bytes: int = 512 * 1024 * 1024
+    max_xsize: int = 10000
+    spot_sensitivity: float = 1.5
+
+    # Index task.
+    indexer_command: str = "rapd.index"
+    index_tmp_dir: str | None = None
+
+    # Workers and identities (supervisor).
+    worker_idle_s: float = 600.0
+    worker_max: int = 64
+    worker_concurrency: int = 4
+    uid_min: int = 1000
+    uid_max: int = 4_000_000_000
+    gid_min: int = 1000
+    gid_max: int = 4_000_000_000
+    data_root: str | None = None
+    supervisor_socket: str = "/run/is/supervisor.sock"
+    run_dir: str | None = None
+
+    # Operations.
+    log_level: str = "INFO"
+    log_syslog: bool = False
+    metrics_port: int | None = None
+    flower_port: int = 5555
+    flower_basic_auth: str | None = None
+
+    extra: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Build settings from ``IS_*`` variables, converting by each field's type."""
+        env = os.environ if environ is None else environ
+        hints = typing.get_type_hints(cls)
+        values: dict[str, object] = {}
+        for f in dataclasses.fields(cls):
+            if f.name == "extra":
+                continue
+            raw = env.get(ENV_PREFIX + f.name.upper())
+            if raw is not None:
+                values[f.name] = _convert(f.name, raw, hints[f.name])
+        return cls(**values)  # type: ignore[arg-type]
+
+    @property
+    def broker(self) -> str | None:
+        """Celery broker URL: ``IS_BROKER_URL`` or the shared ``IS_REDIS_URL``."""
+        return self.broker_url or self.redis_url
+
+    @property
+    def results(self) -> str | None:
+        """Celery result-backend URL."""
+        return self.result_url or self.redis_url
+
+    @property
+    def cache(self) -> str | None:
+        """Redis URL of the reduced-image cache."""
+        return self.cache_url or self.redis_url
+
+    @property
+    def sessions(self) -> str | None:
+        """Redis URL of the login service's sessions."""
+        return self.session_redis_url or self.redis_url
+
+
+def _convert(name: str, raw: str, hint: object) -> object:
+    """Convert one environment string to the field's declared type."""
+    kinds = set(typing.get_args(hint)) if isinstance(hint, types.UnionType) else {hint}
+    kinds.discard(type(None))
+    if raw == "" and len(kinds) < (len(typing.get_args(hint)) or 1):
+        return None  # an empty value unsets an optional field
+    kind = kinds.pop() if len(kinds) == 1 else str
+    try:
+        if kind is bool:
+            if raw.lower() in {"1", "true", "yes", "on"}:
+                return True
+            if raw.lower() in {"0", "false", "no", "off"}:
+                return False
+            raise ValueError(raw)
+        if kind in (int, float):
+            return kind(raw)  # type: ignore[operator]
+    except ValueError as exc:
+        raise ValueError(f"{ENV_PREFIX}{name.upper()}={raw!r} is not a valid {kind}") from exc
+    return raw
+
+
+@functools.lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once from the environment."""
+    return Settings.from_env()
+
+
+def reset_settings() -> None:
+    """Forget the cached settings (tests change the environment between cases)."""
+    get_settings.cache_clear()
