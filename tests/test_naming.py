@@ -35,6 +35,6 @@ def test_envelope_binds_queue_and_key() -> None:
     with pytest.raises(EnvelopeError, match="another queue"):
         # a worker that somehow has the right key but serves another queue name
         open_envelope(queue_key(master, "1000:2000"), "1000:2001", token, 60)
-    time.sleep(1.1)
+    time.sleep(2.1)
     with pytest.raises(EnvelopeError, match="expired"):
-        open_envelope(queue_key(master, "1000:2000"), "1000:2000", token, 0.5)
+        open_envelope(queue_key(master, "1000:2000"), "1000:2000", token, 1)
