@@ -1,0 +1,123 @@
+"""Contrast: full-depth reduced pixels to an 8-bit view (spec 5.7).
+
+Dark means strong signal: values at or below the white point ``w`` are white (255), at or
+above the black point ``b`` black (0), in between ``trunc(255 - (v - w) / (b - w) * 255)``;
+saturated pixels are pure red. Without saturated pixels the view is one grey channel
+(a grey JPEG is cheaper, and is.js only displays it); with any, it is RGB.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from istasks.core.params import ContrastParams
+
+Pixels = npt.NDArray[np.unsignedinteger[Any]]
+View8 = npt.NDArray[np.uint8]
+
+RED = (255, 0, 0)
+#: Pixels per block: float64 temporaries of ~2 MB stay in cache.
+_BLOCK_PIXELS = 1 << 18
+
+
+@dataclass(frozen=True)
+class Levels:
+    """White and black points actually used (``wval_used``, ``bval_used``); white < black."""
+
+    white: int
+    black: int
+
+
+def contrast_levels(params: ContrastParams, meta: Mapping[str, Any]) -> Levels:
+    """The original's rule: automatic values are ``mean -/+ stddev`` of the reduced image.
+
+    ``wval < 0`` -> trunc(mean - stddev), then at least 0; ``contrast <= 0`` ->
+    trunc(mean + stddev); a black point not above the white point becomes white + 1.
+    """
+    mean, stddev = _finite(meta.get("mean")), _finite(meta.get("stddev"))
+    white = params.wval if params.wval >= 0 else math.trunc(mean - stddev)
+    white = max(white, 0)
+    black = params.contrast if params.contrast > 0 else math.trunc(mean + stddev)
+    if black <= white:
+        black = white + 1
+    return Levels(white, black)
+
+
+def _finite(value: object) -> float:
+    """A meta number as float; anything else (missing, NaN, text) is 0."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return 0.0
+    number = float(value)
+    return number if math.isfinite(number) else 0.0
+
+
+def to_8bit(pixels: Pixels, saturation: int, levels: Levels, *, top_rows: int = 0) -> View8:
+    """The 8-bit view, with ``top_rows`` white rows reserved above it for a banner.
+
+    Grey (rows, width) when no pixel equals ``saturation``, else RGB (rows, width, 3)
+    with saturated pixels red.
+    """
+    height, width = pixels.shape
+    saturated = _saturated(pixels, saturation)
+    if saturated is None:
+        canvas = np.empty((top_rows + height, width), np.uint8)
+        grey_into(pixels, levels, canvas[top_rows:])
+    else:
+        canvas = np.empty((top_rows + height, width, 3), np.uint8)
+        grey = np.empty((height, width), np.uint8)
+        grey_into(pixels, levels, grey)
+        view = canvas[top_rows:]
+        put_grey(view, grey)
+        # Saturated pixels are few: assign by flat index, not through a boolean image.
+        view.reshape(-1, 3)[np.flatnonzero(saturated)] = RED
+    canvas[:top_rows] = 255
+    return canvas
+
+
+def put_grey(canvas: View8, grey: View8) -> None:
+    """Copy a grey image into a grey (h, w) or RGB (h, w, 3) canvas of the same size."""
+    if canvas.ndim == 2:
+        canvas[...] = grey
+        return
+    # Channel by channel: a broadcast grey[..., None] copy is ~8x slower (7 ms at 1024^2).
+    for channel in range(canvas.shape[2]):
+        canvas[..., channel] = grey
+
+
+def _saturated(pixels: Pixels, saturation: int) -> npt.NDArray[np.bool_] | None:
+    """Boolean image of saturated pixels, or None when there is none (the usual case)."""
+    if not 0 <= saturation <= np.iinfo(pixels.dtype).max or pixels.size == 0:
+        return None
+    # The code is normally the largest value, so one max() settles the usual case.
+    if int(pixels.max()) < saturation:
+        return None
+    mask = pixels == pixels.dtype.type(saturation)
+    return mask if mask.any() else None
+
+
+def grey_into(pixels: Pixels, levels: Levels, out: View8) -> None:
+    """Write the grey levels of ``pixels`` into ``out`` (same shape), block by block.
+
+    ``255 - ceil((clip(v, w, b) - w) * 255 / (b - w))`` equals the spec's truncated
+    formula exactly: the float64 numerator is an exact integer, one correctly rounded
+    division cannot cross an integer (a fraction is at least 1 / (b - w) away), and
+    ``trunc(255 - x) == 255 - ceil(x)`` for 0 <= x <= 255.
+    """
+    white, black = float(levels.white), float(levels.black)
+    span = black - white
+    step = max(_BLOCK_PIXELS // max(pixels.shape[1], 1), 1)
+    for start in range(0, pixels.shape[0], step):
+        block = pixels[start : start + step].astype(np.float64)
+        np.clip(block, white, black, out=block)
+        block -= white
+        block *= 255.0
+        block /= span
+        np.ceil(block, out=block)
+        np.subtract(255.0, block, out=block)
+        np.copyto(out[start : start + step], block, casting="unsafe")

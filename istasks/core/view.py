@@ -1,0 +1,229 @@
+"""The view pipeline: frame -> reduced image (+ stats) -> 8-bit view -> JPEG (spec 2.2, 5.4-5.8).
+
+Pure functions over plain values. :func:`reduce_frame` is the expensive step (done once per
+geometry and cached as :class:`Reduced`, see :meth:`Reduced.to_bytes`); :func:`render_jpeg`
+is the cheap per-request step; :func:`render_blank` is the grey fallback of spec 2.2.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from istasks.core.contrast import Levels, contrast_levels, put_grey, to_8bit
+from istasks.core.jpeg import Encoded, encode_jpeg
+from istasks.core.label import banner_height, banner_text, draw_banner
+from istasks.core.params import MIN_XSIZE, ContrastParams, LabelParams, ViewParams
+from istasks.core.readers.base import Frame, Meta
+from istasks.core.reduce import (
+    PIXEL_DTYPES,
+    clamp_to_saturation,
+    count_saturated,
+    plan_window,
+    reduce_pixels,
+    usable_pixels,
+    zero_masked,
+)
+from istasks.core.stats import image_stats
+from istasks.errors import DataUnavailable
+
+Pixels = npt.NDArray[np.unsignedinteger[Any]]
+
+#: Grey level of the blank fallback image (RGB 0xF0F0F0).
+BLANK_GREY = 0xF0
+#: Binary form of a Reduced: magic, header length, JSON header, raw pixels.
+_MAGIC = b"ISR1"
+_HEADER = struct.Struct("<4sI")
+_WIRE_DTYPES = {d.newbyteorder("<").str: d.newbyteorder("<") for d in PIXEL_DTYPES}
+
+
+@dataclass
+class Reduced:
+    """A reduced image at full depth with the meta sent to clients (spec 5.4).
+
+    ``meta`` is the frame's meta plus ``n, mean, rms, stddev, min, max, spots`` and
+    ``nSaturated`` of this reduction.
+    """
+
+    pixels: Pixels
+    saturation: int
+    meta: dict[str, Any]
+
+    def to_bytes(self) -> bytes:
+        """Compact binary form for the cache: a small JSON header, then the raw pixels."""
+        pixels = np.ascontiguousarray(self.pixels, dtype=self.pixels.dtype.newbyteorder("<"))
+        header = json.dumps(
+            {
+                "dtype": pixels.dtype.str,
+                "shape": list(pixels.shape),
+                "saturation": self.saturation,
+                "meta": self.meta,
+            },
+            separators=(",", ":"),
+            default=_json_default,
+        ).encode()
+        return b"".join((_HEADER.pack(_MAGIC, len(header)), header, pixels.data))
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Reduced:
+        """Inverse of :meth:`to_bytes`; DataUnavailable for anything malformed.
+
+        The pixels are a read-only view of ``data`` (no copy).
+        """
+        header, offset = _read_header(data)
+        dtype, shape = _header_geometry(header)
+        expected = shape[0] * shape[1] * dtype.itemsize
+        if len(data) - offset != expected:
+            raise DataUnavailable(
+                f"cached image holds {len(data) - offset} pixel bytes, expected {expected}"
+            )
+        pixels = np.frombuffer(data, dtype=dtype, offset=offset).reshape(shape)
+        return cls(pixels.astype(dtype.newbyteorder("="), copy=False), *_header_rest(header))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the pixel buffer (what a cache should account for)."""
+        return int(self.pixels.nbytes)
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """A rendered view and the contrast levels actually used (echoed to is.js)."""
+
+    jpeg: Encoded
+    wval_used: int
+    bval_used: int
+
+
+def reduce_frame(
+    frame: Frame,
+    params: ViewParams,
+    *,
+    spot_sensitivity: float = 1.5,
+    max_xsize: int = 10000,
+) -> Reduced:
+    """Reduce ``frame`` to the view ``params`` and compute its statistics (spec 5.5, 5.6).
+
+    Masked pixels of ``frame.pixels`` are zeroed in place (the pipeline owns the array).
+    Raises InvalidView for an ``xsize`` over ``max_xsize``, DataUnavailable for a frame
+    the core cannot use.
+    """
+    pixels = usable_pixels(frame.pixels)
+    window = plan_window((pixels.shape[0], pixels.shape[1]), params, max_xsize=max_xsize)
+    pixels = zero_masked(pixels, frame.mask)
+    pixels = clamp_to_saturation(pixels, frame.saturation)
+    reduced = reduce_pixels(pixels, window)
+    saturated = count_saturated(pixels, window, frame.saturation, reduced)
+    centre = window.to_output(*_beam_centre(frame.meta, pixels.shape))
+    stats = image_stats(reduced, frame.saturation, centre, sensitivity=spot_sensitivity)
+    meta = dict(frame.meta)
+    meta.update(stats)
+    meta["nSaturated"] = saturated
+    return Reduced(reduced, frame.saturation, meta)
+
+
+def render_jpeg(
+    reduced: Reduced, contrast: ContrastParams, label: LabelParams, *, quality: int = 90
+) -> Rendered:
+    """The JPEG of a reduced image: contrast to 8 bits, label banner on top (spec 5.7, 5.8).
+
+    The JPEG is ``width x (height + banner)`` pixels; quality 90 is the service default.
+    Raises EncodeError when encoding fails, DataUnavailable for an unusable pixel array.
+    """
+    pixels = usable_pixels(reduced.pixels)
+    levels: Levels = contrast_levels(contrast, reduced.meta)
+    rows = banner_height(label.height)
+    view = to_8bit(pixels, reduced.saturation, levels, top_rows=rows)
+    if rows:
+        banner = draw_banner(view.shape[1], rows, banner_text(label.text, reduced.meta))
+        put_grey(view[:rows], banner)
+    return Rendered(encode_jpeg(view, quality=quality), levels.white, levels.black)
+
+
+def render_blank(
+    xsize: int, label: LabelParams, *, quality: int = 90, max_xsize: int = 10000
+) -> Encoded:
+    """The grey fallback (spec 2.2): a 0xF0F0F0 square of width clamp(xsize, 8, max_xsize).
+
+    The label banner (text only, no frame number) is drawn when the label has a height
+    and text. The upper clamp fixes bug 23 (an unbounded allocation in the original).
+    """
+    width = min(max(xsize, MIN_XSIZE), max(max_xsize, MIN_XSIZE))
+    text = banner_text(label.text)
+    rows = banner_height(label.height) if text else 0
+    view = np.full((rows + width, width), BLANK_GREY, np.uint8)
+    if rows:
+        view[:rows] = draw_banner(width, rows, text)
+    return encode_jpeg(view, quality=quality)
+
+
+def _beam_centre(meta: Meta, shape: tuple[int, ...]) -> tuple[float, float]:
+    """Beam centre (x, y) in source pixels; the image centre when meta lacks it.
+
+    The original exited the worker when ``beam_center_x/y`` was missing (bug 4).
+    """
+    x, y = _finite_number(meta.get("beam_center_x")), _finite_number(meta.get("beam_center_y"))
+    if x is not None and y is not None:
+        return x, y
+    return shape[1] / 2.0, shape[0] / 2.0
+
+
+def _finite_number(value: object) -> float | None:
+    """A finite JSON number as float, else None."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    number = float(value)
+    return number if math.isfinite(number) else None
+
+
+def _json_default(value: object) -> Any:
+    """numpy scalars and arrays in meta become plain JSON values."""
+    if isinstance(value, np.generic | np.ndarray):
+        return value.tolist()
+    raise TypeError(f"meta value of type {type(value).__name__} is not JSON")
+
+
+def _read_header(data: bytes) -> tuple[dict[str, Any], int]:
+    """The JSON header of a cached Reduced and the offset of its pixel bytes."""
+    if len(data) < _HEADER.size:
+        raise DataUnavailable("cached image is truncated")
+    magic, length = _HEADER.unpack_from(data)
+    end = _HEADER.size + length
+    if magic != _MAGIC or end > len(data):
+        raise DataUnavailable("cached image has a bad header")
+    try:
+        header = json.loads(bytes(data[_HEADER.size : end]))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise DataUnavailable(f"cached image header is not JSON: {exc}") from exc
+    if not isinstance(header, dict):
+        raise DataUnavailable("cached image header is not an object")
+    return header, end
+
+
+def _header_geometry(header: dict[str, Any]) -> tuple[np.dtype[Any], tuple[int, int]]:
+    name, shape = header.get("dtype"), header.get("shape")
+    dtype = _WIRE_DTYPES.get(name) if isinstance(name, str) else None
+    if dtype is None:
+        raise DataUnavailable(f"cached image has dtype {header.get('dtype')!r}")
+    if (
+        not isinstance(shape, list)
+        or len(shape) != 2
+        or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)
+    ):
+        raise DataUnavailable(f"cached image has shape {shape!r}")
+    return dtype, (shape[0], shape[1])
+
+
+def _header_rest(header: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    saturation, meta = header.get("saturation"), header.get("meta")
+    if isinstance(saturation, bool) or not isinstance(saturation, int):
+        raise DataUnavailable(f"cached image has saturation {saturation!r}")
+    if not isinstance(meta, dict):
+        raise DataUnavailable("cached image meta is not an object")
+    return saturation, meta
