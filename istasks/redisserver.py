@@ -81,8 +81,9 @@ def start_redis(port: int | None = None, *, extra_args: tuple[str, ...] = ()) ->
         "--appendonly", "no", "--dir", workdir, "--daemonize", "no",
         "--protected-mode", "yes", *extra_args,
     ]  # fmt: skip
-    log = open(os.path.join(workdir, "redis.log"), "wb")  # noqa: SIM115 - lives with the process
-    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    with open(os.path.join(workdir, "redis.log"), "wb") as log:
+        # The child keeps its own copy of the descriptor; ours closes here.
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     server = RedisProcess(proc, port, workdir)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
