@@ -1,7 +1,7 @@
 """The project's one exception hierarchy.
 
 Every error a request can meet is an :class:`IsError`. Each class says which reply it
-causes; the mapping to wire frames lives in one place, ``bridge.replies``. Anything that
+causes; the mapping to wire frames lives in one place, ``istasks.replies``. Anything that
 is not an ``IsError`` becomes a generic one-frame error carrying the request id, with no
 traceback on the wire. Standard library only: the bridge and the core both import this.
 """

@@ -1,0 +1,119 @@
+"""``is-bridge``: the process that serves is.js requests (console script).
+
+Reads the settings, checks the session key and store, builds the Celery dispatcher
+(with the supervisor's worker pool when one is running) and serves until SIGTERM or
+SIGINT. Heavy or optional parts are imported inside functions so that importing this
+module stays cheap and never pulls in numpy or h5py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import logging.handlers
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING
+
+from bridge.identity import IdentityResolver
+from bridge.sessions import SessionConfigError, SessionVerifier
+from istasks.settings import Settings, get_settings
+
+if TYPE_CHECKING:
+    from bridge.dispatch import Dispatcher
+    from queues.pool import SupervisorClient
+
+log = logging.getLogger(__name__)
+_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def configure_logging(settings: Settings) -> None:
+    """Root logging from settings: stderr, plus syslog (ident is-bridge) when asked."""
+    handlers: list[logging.Handler] = [logging.StreamHandler()]
+    if settings.log_syslog:
+        syslog = logging.handlers.SysLogHandler(address="/dev/log")
+        syslog.ident = "is-bridge: "
+        handlers.append(syslog)
+    logging.basicConfig(level=settings.log_level, format=_LOG_FORMAT, handlers=handlers)
+
+
+def worker_pool(settings: Settings) -> SupervisorClient | None:
+    """The supervisor's pool client when its socket exists, else None (workers started
+    by hand, e.g. ``python -m istasks.worker``)."""
+    if not Path(settings.supervisor_socket).exists():
+        log.info("no supervisor at %s: workers must be started separately",
+                 settings.supervisor_socket)  # fmt: skip
+        return None
+    from queues.pool import SupervisorClient
+
+    return SupervisorClient(settings)
+
+
+def build_dispatcher(settings: Settings) -> Dispatcher:
+    """The Celery dispatcher for ``settings``."""
+    from bridge.dispatch import CeleryDispatcher
+    from istasks.app import create_app
+
+    return CeleryDispatcher(create_app(settings), settings, worker_pool(settings))
+
+
+def _parse_args(argv: list[str] | None, settings: Settings) -> Settings:
+    parser = argparse.ArgumentParser(prog="is-bridge", description="is.js request bridge")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--connect", metavar="ENDPOINT", help="is_proxy DEALER to connect to")
+    where.add_argument("--bind", metavar="ENDPOINT", help="bind a ROUTER here (standalone)")
+    args = parser.parse_args(argv)
+    if args.connect:
+        return dataclasses.replace(settings, proxy_endpoint=args.connect, bind_endpoint=None)
+    if args.bind:
+        return dataclasses.replace(settings, proxy_endpoint=None, bind_endpoint=args.bind)
+    return settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the bridge until a signal; 2 when the configuration is unusable."""
+    from bridge.server import BridgeServer
+
+    settings = _parse_args(argv, get_settings())
+    configure_logging(settings)
+    try:
+        sessions = SessionVerifier.from_settings(settings)
+        identities = IdentityResolver.from_settings(settings)
+        dispatcher = build_dispatcher(settings)
+    except (SessionConfigError, ValueError) as exc:
+        print(f"is-bridge: {exc}", file=sys.stderr)
+        return 2
+    try:
+        server = BridgeServer(settings, dispatcher, sessions, identities)
+    except Exception as exc:  # bad endpoint, address in use: say so and stop
+        print(f"is-bridge: cannot open the front socket: {exc}", file=sys.stderr)
+        _release(dispatcher.close, sessions.close)
+        return 2
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        server.stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        server.serve_forever()
+    finally:
+        _release(dispatcher.close, sessions.close)
+    return 0
+
+
+def _release(*closers: Callable[[], None]) -> None:
+    """Run every closer even if one fails: shutdown must finish (failures are logged)."""
+    for close in closers:
+        try:
+            close()
+        except Exception:
+            log.exception("error while shutting down")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

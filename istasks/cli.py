@@ -1,0 +1,312 @@
+"""``isctl``: the operators' command line.
+
+Every subcommand imports what it needs when it runs, so ``isctl get`` stays light and
+``isctl render`` runs exactly the core the workers run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from istasks.errors import IsError
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _cmd_render(args: argparse.Namespace) -> int:
+    """Render one view of a file like a ``jpeg`` request and print its meta JSON."""
+    from istasks import jobs
+    from istasks.core.readers import open_reader
+    from istasks.core.view import reduce_frame, render_jpeg
+    from istasks.settings import get_settings
+
+    settings = get_settings()
+    job = _render_job(args)
+    reader = open_reader(str(args.file))
+    try:
+        frame = reader.read_frame(jobs.view_params(job).frame)
+    finally:
+        reader.close()
+    reduced = reduce_frame(
+        frame,
+        jobs.view_params(job),
+        spot_sensitivity=settings.spot_sensitivity,
+        max_xsize=settings.max_xsize,
+    )
+    rendered = render_jpeg(
+        reduced,
+        jobs.contrast_params(job),
+        jobs.label_params(job),
+        quality=args.quality or settings.jpeg_quality,
+    )
+    Path(args.output).write_bytes(rendered.jpeg.data)
+    print(jobs.dumps(reduced.meta))
+    print(
+        f"wrote {args.output}: {len(rendered.jpeg.data)} bytes, "
+        f"wval_used={rendered.wval_used} bval_used={rendered.bval_used}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _render_job(args: argparse.Namespace) -> dict[str, Any]:
+    """The is.js job equivalent of the command-line options."""
+    job: dict[str, Any] = {"type": "jpeg", "fn": str(args.file), "frame": args.frame}
+    job.update(xsize=args.xsize, zoom=args.zoom, segcol=args.segcol, segrow=args.segrow)
+    job.update(wval=args.wval, contrast=args.contrast, label=args.label)
+    job.update(labelHeight=args.label_height, keepAspect=args.keep_aspect)
+    return job
+
+
+def _cmd_meta(args: argparse.Namespace) -> int:
+    """Print a file's metadata (with ``frame``) as compact sorted JSON."""
+    from istasks import jobs
+    from istasks.core.readers import open_reader
+
+    reader = open_reader(str(args.file))
+    try:
+        meta = dict(reader.meta())
+        meta.update(frame=args.frame, frame_count=reader.frame_count)
+    finally:
+        reader.close()
+    print(jobs.dumps(meta))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    """Write the demo dataset (Eiger master+data files, a MarCCD frame)."""
+    out = Path(args.directory)
+    out.mkdir(parents=True, exist_ok=True)
+    print(_write_demo(out))
+    return 0
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    """Run the whole local service in the foreground until Ctrl-C."""
+    import logging
+    import signal
+    import tempfile
+    import time
+
+    from istasks.settings import get_settings
+    from istasks.stack import Stack, dev_user
+
+    logging.basicConfig(level="INFO", format="isctl up: %(message)s")
+    settings = get_settings()
+    run_dir = Path(args.run_dir or settings.run_dir or "run")
+    if os.geteuid() != 0:
+        print("isctl up: not root: workers run as the invoking user for every identity")
+    stack = Stack.start(run_dir, settings, flower_port=args.flower)
+    stopping: list[int] = []
+    signal.signal(signal.SIGTERM, lambda signum, _frame: stopping.append(signum))
+    try:
+        demo = Path(tempfile.mkdtemp(prefix="is-demo-"))
+        demo.chmod(0o755)  # the dev identity (nobody when root) must be able to read it
+        master = _write_demo(demo)
+        pid = stack.add_session([args.esaf], user=dev_user())
+        print(f"isctl up: redis {stack.redis_url}, bridge {stack.endpoint}, logs in {run_dir}/")
+        if args.flower:
+            print(f"isctl up: flower on http://127.0.0.1:{args.flower}/")
+        print("isctl up: fetch a view the way is.js does with:")
+        print(
+            f"  {Path(sys.executable).parent / 'isctl'} get --endpoint {stack.endpoint} "
+            f"--pid {pid} --esaf {args.esaf} {master} --frame 2 --xsize 1024 -o view.jpg"
+        )
+        print("isctl up: Ctrl-C stops everything", flush=True)
+        while not stopping and not stack.dead():
+            time.sleep(0.2)
+        if stack.dead():
+            print(f"isctl up: component(s) exited: {', '.join(stack.dead())}", file=sys.stderr)
+            return 1
+        return 0
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        stack.stop()
+
+
+def _write_demo(directory: Path) -> Path:
+    """A small world-readable Eiger dataset and MarCCD frame; the master file's path."""
+    from istasks.testdata.eiger import write_eiger
+    from istasks.testdata.marccd import write_marccd
+
+    master = write_eiger(directory, "demo", nimages=4, frames_per_file=2, shape=(1062, 1028))
+    write_marccd(directory / "demo_0001.mccd", size=1024)
+    for path in directory.iterdir():
+        path.chmod(0o644)
+    return master
+
+
+def _cmd_get(args: argparse.Namespace) -> int:
+    """Send one request like is.js; save the JPEG, print the job and meta frames."""
+    import json
+
+    from bridge.client import request
+    from istasks.settings import get_settings
+
+    endpoint = args.endpoint or get_settings().bind_endpoint
+    if not endpoint:
+        print("isctl get: give --endpoint (or set IS_BIND_ENDPOINT)", file=sys.stderr)
+        return 2
+    job: dict[str, Any] = {"type": args.type, "pid": args.pid, "esaf": args.esaf}
+    if args.type == "index":
+        job.update(fn1=str(args.file), frame1=0, frame2=0)
+    else:
+        job.update(fn=str(args.file), frame=args.frame, xsize=args.xsize)
+        job.update(label=args.label, labelHeight=args.label_height)
+    if args.tag:
+        job["tag"] = args.tag
+    job.update(json.loads(args.extra) if args.extra else {})
+    frames = request(endpoint, job, timeout_s=args.timeout)
+    if frames and frames[0]:
+        print(f"error: {frames[0].decode(errors='replace')}", file=sys.stderr)
+        return 1
+    for name, frame in zip(("job", "meta", "result"), frames[1:3], strict=False):
+        print(f"{name}: {frame.decode(errors='replace')}")
+    if args.type == "jpeg" and len(frames) >= 4:
+        Path(args.output).write_bytes(frames[3])
+        print(f"wrote {args.output} ({len(frames[3])} bytes)")
+    return 0
+
+
+def _cmd_session_add(args: argparse.Namespace) -> int:
+    """Create a signed dev session in the session Redis; print its pid."""
+    import redis
+
+    from bridge.devsession import ensure_keypair, isauth_for, sign_isauth, write_session
+    from istasks.settings import get_settings
+
+    settings = get_settings()
+    url = args.redis or settings.sessions
+    if not url:
+        print("isctl session add: give --redis or set IS_SESSION_REDIS_URL", file=sys.stderr)
+        return 2
+    private, _ = ensure_keypair(Path(args.key_dir))
+    pid = args.pid or f"dev-{os.urandom(6).hex()}"
+    text, sig = sign_isauth(private.read_bytes(), isauth_for(pid, args.user, args.esaf))
+    client = redis.Redis.from_url(url)
+    try:
+        write_session(client, pid, text, sig, ttl_s=args.ttl)
+    finally:
+        client.close()
+    print(pid)
+    return 0
+
+
+def _add_render(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("render", help="render a view of FILE to a JPEG, print meta JSON")
+    p.add_argument("file", type=Path)
+    p.add_argument("--frame", type=int, default=1)
+    p.add_argument("--xsize", type=int, default=1024)
+    p.add_argument("--zoom", type=float, default=1.0)
+    p.add_argument("--segcol", type=float, default=0.0)
+    p.add_argument("--segrow", type=float, default=0.0)
+    p.add_argument("--wval", type=int, default=-1, help="white value (<0: automatic)")
+    p.add_argument("--contrast", type=int, default=-1, help="black value (<=0: automatic)")
+    p.add_argument("--label", default="")
+    p.add_argument("--label-height", type=int, default=0)
+    p.add_argument("--keep-aspect", action="store_true", help="keep the detector aspect ratio")
+    p.add_argument("--quality", type=int, default=0, help="JPEG quality (default: setting)")
+    p.add_argument("-o", "--output", required=True)
+    p.set_defaults(handler=_cmd_render)
+
+
+def _add_meta(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("meta", help="print the metadata of FILE as JSON")
+    p.add_argument("file", type=Path)
+    p.add_argument("--frame", type=int, default=1)
+    p.set_defaults(handler=_cmd_meta)
+
+
+def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("demo", help="write a demo dataset into DIRECTORY")
+    p.add_argument("directory")
+    p.set_defaults(handler=_cmd_demo)
+
+
+def _add_up(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("up", help="run Redis, supervisor, bridge (and Flower) until Ctrl-C")
+    p.add_argument("--run-dir", default=None, help="state and logs (default: ./run)")
+    p.add_argument("--esaf", type=int, default=0, help="ESAF of the dev session")
+    p.add_argument("--flower", type=int, default=None, metavar="PORT", help="also run Flower")
+    p.set_defaults(handler=_cmd_up)
+
+
+def _add_get(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("get", help="send one request like is.js and save the JPEG")
+    p.add_argument("file")
+    p.add_argument("--endpoint", default=None)
+    p.add_argument("--pid", required=True)
+    p.add_argument("--esaf", type=int, default=0)
+    p.add_argument("--type", default="jpeg", choices=["jpeg", "spots", "index"])
+    p.add_argument("--frame", type=int, default=1)
+    p.add_argument("--xsize", type=int, default=1024)
+    p.add_argument("--label", default="")
+    p.add_argument("--label-height", type=int, default=0)
+    p.add_argument("--tag", default=None)
+    p.add_argument("--extra", default=None, help="JSON object merged into the job")
+    p.add_argument("--timeout", type=float, default=30.0)
+    p.add_argument("-o", "--output", default="view.jpg")
+    p.set_defaults(handler=_cmd_get)
+
+
+def _add_session(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("session", help="manage dev sessions")
+    ssub = p.add_subparsers(dest="session_command", required=True)
+    add = ssub.add_parser("add", help="create a signed dev session, print its pid")
+    add.add_argument("--user", required=True, help="Unix account name (isAuth.uid)")
+    add.add_argument("--esaf", type=int, action="append", default=[], help="allowed ESAF")
+    add.add_argument("--pid", default=None)
+    add.add_argument("--key-dir", default="run", help="where the dev key pair lives")
+    add.add_argument("--redis", default=None, help="session Redis URL")
+    add.add_argument("--ttl", type=int, default=None, help="expire after this many seconds")
+    add.set_defaults(handler=_cmd_session_add)
+
+
+#: Subcommands whose own modules parse their arguments (``isctl flower --help`` works).
+PASSTHROUGH = {
+    "flower": ("istasks.flower", "run Flower against the broker (auth from settings)"),
+    "status": ("istasks.status", "per-identity backlog and live workers"),
+}
+
+
+def _add_ops(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    for name, (_, text) in PASSTHROUGH.items():
+        sub.add_parser(name, help=text, add_help=False)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full ``isctl`` argument parser."""
+    parser = argparse.ArgumentParser(prog="isctl", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_render, _add_meta, _add_demo, _add_up, _add_get, _add_session, _add_ops):
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``isctl`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in PASSTHROUGH:
+        import importlib
+
+        module_main: Callable[[list[str]], int] = importlib.import_module(
+            PASSTHROUGH[argv[0]][0]
+        ).main
+        return module_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except IsError as exc:
+        print(f"isctl: {exc.wire_text()}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

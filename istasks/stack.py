@@ -1,0 +1,232 @@
+"""The local service as ``isctl up`` (and the end-to-end tests) run it.
+
+One object starts, in order: Redis (a private ``redis-server`` when ``IS_REDIS_URL`` is
+unset), the supervisor (root: workers under each UID:GID; otherwise workers run as the
+invoking user), the bridge bound to a local endpoint, and optionally Flower. Children
+get their configuration through ``IS_*`` variables derived here, so every process reads
+the same settings object the same way. ``stop()`` ends them all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import pwd
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from istasks.redisserver import RedisProcess, free_port, start_redis
+from istasks.settings import Settings
+
+log = logging.getLogger(__name__)
+
+#: The dev session's account when ``isctl up`` runs as root: uid 0 is always refused,
+#: and ``nobody`` exists on every Debian/Ubuntu system.
+ROOT_DEV_USER = "nobody"
+
+
+@dataclass
+class Component:
+    """One child process of the stack."""
+
+    name: str
+    process: subprocess.Popen[bytes]
+
+
+@dataclass
+class Stack:
+    """A running local service. Build with :meth:`start`, end with :meth:`stop`."""
+
+    run_dir: Path
+    settings: Settings
+    redis_url: str = ""
+    endpoint: str = ""
+    env: dict[str, str] = field(default_factory=dict)
+    components: list[Component] = field(default_factory=list)
+    redis: RedisProcess | None = None
+    flower_port: int | None = None
+
+    @classmethod
+    def start(
+        cls,
+        run_dir: Path,
+        settings: Settings,
+        *,
+        flower_port: int | None = None,
+        supervisor: bool = True,
+        via_proxy: bool = False,
+    ) -> Stack:
+        """Start every component; on any failure stop what was started and re-raise.
+
+        ``via_proxy`` puts an is-proxy (ROUTER/DEALER) in front, as at LS-CAT: clients
+        talk to its frontend and the bridge connects to its backend.
+        """
+        run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        stack = cls(run_dir=run_dir.resolve(), settings=settings, flower_port=flower_port)
+        try:
+            stack._start_redis()
+            stack._write_secrets()
+            if via_proxy:
+                stack._start_proxy()
+            if supervisor:
+                stack._spawn("supervisor", "from queues.supervisor import main; main()")
+                stack._wait_for_path(Path(stack.env["IS_SUPERVISOR_SOCKET"]), "supervisor")
+            stack._spawn("bridge", "from bridge.main import main; raise SystemExit(main())")
+            stack._wait_for_bridge()
+            if flower_port:
+                # Dev stack: no credentials configured means a loopback, read-only Flower.
+                args = "[]" if settings.flower_basic_auth else "['--unauthenticated']"
+                stack._spawn(
+                    "flower", f"from istasks.flower import main; raise SystemExit(main({args}))"
+                )
+        except BaseException:
+            stack.stop()
+            raise
+        return stack
+
+    def _start_redis(self) -> None:
+        if self.settings.redis_url:
+            self.redis_url = self.settings.redis_url
+        else:
+            self.redis = start_redis()
+            self.redis_url = self.redis.url
+            log.info("started redis-server on %s", self.redis_url)
+
+    def _write_secrets(self) -> None:
+        from bridge.devsession import ensure_keypair
+
+        secret_file = self.run_dir / "task-secret"
+        if not secret_file.exists():
+            fd = os.open(secret_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as out:
+                out.write(secrets.token_hex(32))
+        _, public = ensure_keypair(self.run_dir)
+        self.endpoint = self.settings.bind_endpoint or f"tcp://127.0.0.1:{free_port()}"
+        self.env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("IS_")},
+            "IS_REDIS_URL": self.redis_url,
+            "IS_TASK_SECRET_FILE": str(secret_file),
+            "IS_SESSION_PUBLIC_KEY": str(public),
+            "IS_BIND_ENDPOINT": self.endpoint,
+            "IS_SUPERVISOR_SOCKET": str(self.run_dir / "supervisor.sock"),
+            "IS_IDENTITY_POLICY": self.settings.identity_policy,
+            "IS_LOG_LEVEL": self.settings.log_level,
+        }
+        for name, value in _passthrough(self.settings).items():
+            self.env.setdefault(name, value)
+        if self.flower_port:
+            self.env["IS_FLOWER_PORT"] = str(self.flower_port)
+
+    def _start_proxy(self) -> None:
+        backend = f"tcp://127.0.0.1:{free_port()}"
+        frontend = self.endpoint
+        args = f"['--frontend', {frontend!r}, '--backend', {backend!r}]"
+        self._spawn("proxy", f"from bridge.proxy import main; raise SystemExit(main({args}))")
+        self.env.pop("IS_BIND_ENDPOINT")
+        self.env["IS_PROXY_ENDPOINT"] = backend
+
+    def _spawn(self, name: str, code: str) -> None:
+        log_path = self.run_dir / f"{name}.log"
+        out = open(log_path, "ab")  # noqa: SIM115 - owned by the child for its lifetime
+        proc = subprocess.Popen(
+            [sys.executable, "-c", code],
+            env=self.env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        out.close()
+        self.components.append(Component(name, proc))
+
+    def _wait_for_path(self, path: Path, name: str, timeout_s: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not path.exists():
+            self._raise_if_dead()
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{name} did not come up within {timeout_s:g} s")
+            time.sleep(0.05)
+
+    def _wait_for_bridge(self, timeout_s: float = 30.0) -> None:
+        from bridge.client import request
+
+        deadline = time.monotonic() + timeout_s
+        while True:
+            self._raise_if_dead()
+            with contextlib.suppress(TimeoutError):
+                # No pid: the bridge answers with its one-frame error without any worker.
+                if request(self.endpoint, {"type": "jpeg"}, timeout_s=0.5):
+                    return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"bridge did not answer on {self.endpoint}")
+
+    def _raise_if_dead(self) -> None:
+        for comp in self.components:
+            if comp.process.poll() is not None:
+                tail = (self.run_dir / f"{comp.name}.log").read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"{comp.name} exited ({comp.process.returncode}):\n{tail}")
+
+    def dead(self) -> list[str]:
+        """Names of components that have exited."""
+        return [c.name for c in self.components if c.process.poll() is not None]
+
+    def add_session(self, esafs: list[int], user: str | None = None, pid: str | None = None) -> str:
+        """Sign and store a dev session for ``user`` (default: a usable local account)."""
+        import redis
+
+        from bridge.devsession import ensure_keypair, isauth_for, sign_isauth, write_session
+
+        pid = pid or f"dev-{secrets.token_hex(6)}"
+        user = user or dev_user()
+        private, _ = ensure_keypair(self.run_dir)
+        text, sig = sign_isauth(private.read_bytes(), isauth_for(pid, user, esafs))
+        client = redis.Redis.from_url(self.settings.session_redis_url or self.redis_url)
+        try:
+            write_session(client, pid, text, sig)
+        finally:
+            client.close()
+        return pid
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        """SIGTERM every component (newest first), SIGKILL after ``grace_s``."""
+        for comp in reversed(self.components):
+            if comp.process.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    comp.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for comp in reversed(self.components):
+            try:
+                comp.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(comp.process.pid, signal.SIGKILL)
+                comp.process.wait()
+        self.components.clear()
+        if self.redis is not None:
+            self.redis.stop()
+            self.redis = None
+
+
+def _passthrough(settings: Settings) -> dict[str, str]:
+    """Settings that differ from the defaults, as IS_* variables for the children."""
+    import dataclasses
+
+    defaults = Settings()
+    out: dict[str, str] = {}
+    for f in dataclasses.fields(Settings):
+        value = getattr(settings, f.name)
+        if f.name != "extra" and value is not None and value != getattr(defaults, f.name):
+            out[f"IS_{f.name.upper()}"] = str(value)
+    return out
+
+
+def dev_user() -> str:
+    """The account dev sessions use: the invoking user, or ``nobody`` when root."""
+    if os.geteuid() == 0:
+        return ROOT_DEV_USER
+    return pwd.getpwuid(os.geteuid()).pw_name
