@@ -1,0 +1,161 @@
+"""Per-identity Redis ACL users against a real Redis, and through a real worker."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator
+
+import pytest
+import redis
+
+from istasks.keys import reduced_key
+from queues.acl import USER_PREFIX, AclManager, with_credentials
+from queues.naming import Identity
+from tests.supervisor_harness import probe, probe_app, running_supervisor
+
+A = Identity(5001, 6001)
+B = Identity(5002, 6002)
+TAG = "t3st"
+
+
+@pytest.fixture
+def acl(redis_url: str) -> Iterator[AclManager]:
+    """An ACL manager administering the test Redis (its users removed afterwards)."""
+    manager = AclManager(redis_url, redis_url, redis_url, tag=TAG)
+    assert manager.probe() == "on"
+    try:
+        yield manager
+    finally:
+        manager.revoke_all()
+        manager.close()
+
+
+def _as_worker(acl: AclManager, identity: Identity) -> redis.Redis:
+    return redis.Redis.from_url(acl.grant(identity).cache)
+
+
+def _raw(client: redis.Redis, *args: str) -> object:
+    return client.execute_command(*args)  # type: ignore[no-untyped-call]
+
+
+def _denied(call: Callable[[], object]) -> bool:
+    """True when Redis answers NOPERM."""
+    try:
+        call()
+    except redis.exceptions.NoPermissionError:
+        return True
+    return False
+
+
+def test_worker_reads_its_own_esaf_cache_but_not_another(acl: AclManager, redis_url: str) -> None:
+    a_key, b_key = reduced_key(A.gid, "f", "v"), reduced_key(B.gid, "f", "v")
+    redis.Redis.from_url(redis_url).set(a_key, b"secret image")
+    worker_b = _as_worker(acl, B)
+    assert worker_b.set(b_key, b"mine") is True and worker_b.get(b_key) == b"mine"
+    assert _denied(lambda: worker_b.get(a_key))
+    assert _denied(lambda: worker_b.set(a_key, b"overwrite"))
+    assert _denied(lambda: worker_b.delete(a_key))
+    worker_b.close()
+
+
+def test_worker_cannot_enumerate_or_listen_to_others(acl: AclManager) -> None:
+    worker = _as_worker(acl, B)
+    assert _denied(lambda: worker.keys("*"))
+    assert _denied(worker.scan)
+    assert _denied(worker.randomkey)
+    assert _denied(lambda: _raw(worker, "PSUBSCRIBE", "celery-task-meta-*"))
+    assert _denied(lambda: _raw(worker, "SUBSCRIBE", "celery-task-meta-1"))
+    assert _denied(lambda: worker.publish("/0.celery.pidbox", "shutdown"))
+    assert _denied(worker.flushall)
+    assert _denied(lambda: worker.config_get("*"))
+    assert _denied(lambda: _raw(worker, "ACL", "LIST"))
+    worker.close()
+
+
+def test_worker_reaches_exactly_its_own_queues(acl: AclManager) -> None:
+    worker = redis.Redis.from_url(acl.grant(Identity(1000, 2000)).broker)
+    for own in ("1000:2000", "1000:2000:prefetch", "1000:2000\x06\x163"):
+        assert worker.lpush(own, b"x") == 1
+    for other in ("1000:20001", "1000:2000x", "10000:2000", "5001:6001"):
+        assert _denied(functools.partial(worker.lpush, other, b"x")), other
+    assert worker.sadd("_kombu.binding.1000:2000", "m") == 1
+    assert _denied(lambda: worker.sadd("_kombu.binding.1000:20001", "m"))
+    assert worker.publish("celery-task-meta-abc", b"done") == 0
+    assert worker.set("celery-task-meta-abc", b"done", ex=60) is True
+    assert worker.publish("/0.celeryev/task.succeeded", b"{}") == 0
+    worker.close()
+
+
+def test_revoked_user_can_no_longer_connect(acl: AclManager) -> None:
+    url = acl.grant(A).cache
+    redis.Redis.from_url(url).ping()
+    acl.revoke(A)
+    with pytest.raises(redis.exceptions.AuthenticationError):
+        redis.Redis.from_url(url).ping()
+
+
+def test_users_lost_by_a_restarted_redis_are_restored(acl: AclManager, redis_url: str) -> None:
+    url = acl.grant(A).cache
+    redis.Redis.from_url(redis_url).acl_deluser(f"{USER_PREFIX}{TAG}_{A.uid}_{A.gid}")
+    with pytest.raises(redis.exceptions.AuthenticationError):
+        redis.Redis.from_url(url).ping()
+    assert acl.restore_missing() == [f"{USER_PREFIX}{TAG}_{A.uid}_{A.gid}"]
+    assert redis.Redis.from_url(url).ping() is True  # same password as before
+    assert acl.restore_missing() == []
+
+
+def test_new_grant_replaces_the_password(acl: AclManager) -> None:
+    old = acl.grant(A).cache
+    new = acl.grant(A).cache
+    assert old != new
+    redis.Redis.from_url(new).ping()
+    with pytest.raises(redis.exceptions.AuthenticationError):
+        redis.Redis.from_url(old).ping()
+
+
+def test_probe_removes_only_this_supervisors_leftover_users(redis_url: str) -> None:
+    admin = redis.Redis.from_url(redis_url)
+    for name in (f"{USER_PREFIX}{TAG}_7_7", f"{USER_PREFIX}other_7_7"):
+        admin.acl_setuser(name, enabled=False)
+    manager = AclManager(redis_url, redis_url, redis_url, tag=TAG)
+    manager.probe()
+    users = {u.decode() if isinstance(u, bytes) else u for u in admin.acl_users()}
+    assert f"{USER_PREFIX}{TAG}_7_7" not in users
+    assert f"{USER_PREFIX}other_7_7" in users
+    admin.acl_deluser(f"{USER_PREFIX}other_7_7")
+    manager.close()
+
+
+def test_without_admin_rights_acls_are_off_and_urls_unchanged(redis_url: str) -> None:
+    admin = redis.Redis.from_url(redis_url)
+    _raw(
+        admin, "ACL", "SETUSER", "is_limited", "reset", "on", ">pw", "~*", "&*", "+@all", "-@admin"
+    )
+    try:
+        limited = with_credentials(redis_url, "is_limited", "pw")
+        manager = AclManager(limited, limited, limited, tag=TAG)
+        assert manager.probe().startswith("off: cannot administer ACL users")
+        assert manager.grant(A).cache == limited
+        manager.close()
+    finally:
+        admin.acl_deluser("is_limited")
+
+
+def test_real_worker_gets_noperm_on_another_esafs_cache(redis_url: str) -> None:
+    """Through the supervisor: the worker's own Redis URL carries its ACL user."""
+    admin = redis.Redis.from_url(redis_url)
+    a_key = reduced_key(A.gid, "f", "v")
+    admin.set(a_key, b"secret image of A")
+    admin.acl_log_reset()
+    app = probe_app(redis_url)
+    with running_supervisor(redis_url) as sup:
+        sup.client.ensure(B)
+        assert sup.client.status()["acl"] == "on"
+        stolen = probe(app, B, "probe.redis", "GET", a_key)
+        assert stolen["error"].startswith("NoPermissionError"), stolen
+        own = reduced_key(B.gid, "f", "v")
+        assert probe(app, B, "probe.redis", "SET", own, "mine") == {"ok": "True"}
+        assert probe(app, B, "probe.redis", "GET", own) == {"ok": "b'mine'"}
+        # the only refusal was that GET: the worker's own Celery traffic never was
+        refused = [entry["object"] for entry in admin.acl_log()]
+        assert refused == [a_key], refused
