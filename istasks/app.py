@@ -1,0 +1,132 @@
+"""The one Celery app, configured from :func:`istasks.settings.get_settings`.
+
+The bridge imports this module to send tasks, so it must stay light: Celery and the
+standard library only, never numpy or h5py. Workers add the tasks with
+``istasks.tasks.register(app, context)``; the bridge only sends them by name.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+from celery import Celery
+
+from istasks.settings import Settings, get_settings
+
+#: Task names of the wire request types (contract item 1).
+TASK_NAMES = {"jpeg": "is.jpeg", "spots": "is.spots", "index": "is.index"}
+
+#: Results are read once, straight from the backend's pub/sub message, and deleted by
+#: the bridge right after; the stored copy only bridges a dropped pub/sub connection.
+RESULT_EXPIRES_S = 120
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """Celery settings derived from ours; every choice that differs from Celery's default
+    is explained here because several are security or latency decisions."""
+    # Minimum time a reserved-but-unacked message may sit before Redis redelivers it:
+    # above the longest task we run, so no duplicate is ever made (field notes 3.6).
+    visibility_timeout_s = max(3600.0, 2.0 * settings.index_timeout_s)
+    return {
+        "broker_url": settings.broker,
+        "result_backend": settings.results,
+        # No pickle anywhere: anyone who can write to the broker could otherwise run
+        # code as every per-user worker (CELERYSA-0001, field notes 3.1). Task messages
+        # are JSON (one string argument); results are msgpack so JPEG bytes travel as
+        # native binary instead of +34% base64.
+        "task_serializer": "json",
+        "result_serializer": "msgpack",
+        "accept_content": ["json", "msgpack"],
+        "result_accept_content": ["json", "msgpack"],
+        "event_serializer": "json",
+        # Per-identity queues ("uid:gid") are created on first use.
+        "task_create_missing_queues": True,
+        # Take a message only when a thread is free (Redis-only option, Celery 5.6+):
+        # the interactive-before-prefetch order is then decided when the work starts,
+        # not when it was fetched, and nothing waits behind a long index job in a
+        # private buffer. Measured: no latency cost (BRPOP is already waiting).
+        "worker_prefetch_multiplier": 1,
+        "worker_disable_prefetch": True,
+        # Early ack on purpose: with acks_late an unacked task older than the
+        # visibility timeout is redelivered and runs twice (field notes 3.6); a lost
+        # view request is simply retried by the user, a duplicated index job is not.
+        "task_acks_late": False,
+        "task_reject_on_worker_lost": False,
+        "result_expires": RESULT_EXPIRES_S,
+        "result_extended": False,
+        "task_track_started": False,
+        # Priority lists: interactive queue first, ":prefetch" queue only when idle.
+        # No polling_interval anywhere: the Redis transport waits in BRPOP and wakes on
+        # push (polling_interval would only change the BRPOP timeout), and the bridge
+        # gets results by pub/sub push (bridge.dispatch). Measured warm round trip of a
+        # small reply ~3 ms, of a 1024 px JPEG ~11 ms (bench/bench_tasks.py).
+        "broker_transport_options": {
+            "queue_order_strategy": "priority",
+            "visibility_timeout": visibility_timeout_s,
+            "socket_connect_timeout": 2.0,
+        },
+        "result_backend_transport_options": {"socket_connect_timeout": 2.0},
+        "redis_socket_connect_timeout": 2.0,
+        "redis_socket_timeout": 10.0,
+        # A send to a dead broker fails within about a second instead of hanging.
+        "broker_connection_timeout": 2.0,
+        "broker_connection_retry_on_startup": True,
+        "task_publish_retry": True,
+        "task_publish_retry_policy": {
+            "max_retries": 2,
+            "interval_start": 0.0,
+            "interval_step": 0.2,
+            "interval_max": 0.4,
+        },
+        # Logging is ours (module loggers, one line per task); events feed Flower.
+        "worker_hijack_root_logger": False,
+        "worker_redirect_stdouts": False,
+        "worker_send_task_events": True,
+        "task_send_sent_event": False,
+        "worker_enable_remote_control": True,
+        "broker_connection_max_retries": None,
+        "enable_utc": True,
+    }
+
+
+def create_app(settings: Settings | None = None) -> Celery:
+    """A new Celery app for ``settings`` (default: the process settings)."""
+    settings = settings or get_settings()
+    app = Celery("is", set_as_current=False)
+    app.conf.update(celery_config(settings))
+    return app
+
+
+@functools.lru_cache(maxsize=1)
+def get_app() -> Celery:
+    """The process-wide app built from :func:`get_settings` (tests build their own)."""
+    return create_app(get_settings())
+
+
+def master_secret(settings: Settings) -> bytes:
+    """The envelope master secret (``IS_TASK_SECRET`` or the file ``IS_TASK_SECRET_FILE``).
+
+    Raises ValueError naming both variables when neither is set or the secret is empty:
+    the bridge cannot sign tasks without it, and a default would be a shared password.
+    """
+    if settings.task_secret:
+        secret = settings.task_secret.encode()
+    elif settings.task_secret_file:
+        try:
+            secret = Path(settings.task_secret_file).read_bytes().strip()
+        except OSError as exc:
+            raise ValueError(f"cannot read IS_TASK_SECRET_FILE: {exc}") from exc
+    else:
+        raise ValueError("no task secret: set IS_TASK_SECRET or IS_TASK_SECRET_FILE")
+    if not secret:
+        raise ValueError("the task secret (IS_TASK_SECRET / IS_TASK_SECRET_FILE) is empty")
+    return secret
+
+
+def __getattr__(name: str) -> Celery:
+    """``celery -A istasks.app ...`` (Flower) finds ``app`` without import-time config."""
+    if name in {"app", "celery"}:
+        return get_app()
+    raise AttributeError(name)

@@ -1,0 +1,413 @@
+"""Cache of reduced full-depth images: in-process LRU in front of Redis, one ESAF gid.
+
+Reducing a frame is the expensive step (read + decompress + max-pool); contrast and JPEG
+encoding are cheap, so the reduced image is what we keep (spec 5.9, README "Speedy
+Access"). Keys carry a file identity (path, mtime, size) taken by a fresh ``stat`` on
+every request, so a rewritten file is never served stale (bug 17); that ``stat`` runs as
+the worker's identity, so file permissions still apply before anything cached is shown.
+
+Identical concurrent requests are computed once: in-process by a single-flight table,
+across the workers of one gid by a short Redis lock whose losers poll for the value.
+Redis trouble never fails a request: the cache logs, stops asking Redis for a few
+seconds, and computes. This module knows nothing of numpy: values only need
+``to_bytes()`` and ``nbytes`` plus a decoder.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import contextlib
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Generic, Protocol, TypeVar
+
+import redis
+
+from istasks.errors import DataUnavailable
+from istasks.keys import file_identity, lock_key, reduced_key, stats_key
+
+log = logging.getLogger(__name__)
+
+#: Values above this are not written to Redis (Redis strings stop at 512 MB, and moving
+#: hundreds of MB through Redis is slower than recomputing).
+MAX_REDIS_VALUE_BYTES = 64 * 1024 * 1024
+#: Lifetime of the cross-worker computation lock; a crashed holder frees it this late.
+LOCK_TTL_S = 15.0
+#: Longest a worker waits for another worker's computation before doing it itself.
+LOCK_WAIT_S = 10.0
+LOCK_POLL_S = 0.02
+#: After a Redis error the cache works without Redis for this long.
+REDIS_BACKOFF_S = 5.0
+
+
+class Cacheable(Protocol):
+    """What a cached value offers: its serialised form and its size in memory."""
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held by the value (for the LRU's byte budget)."""
+        ...
+
+    def to_bytes(self) -> bytes:
+        """Serialised form stored in Redis."""
+        ...
+
+
+V = TypeVar("V", bound=Cacheable)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class FileVersion:
+    """One version of a file: a rewrite changes ``mtime_ns`` or ``size``."""
+
+    path: str
+    mtime_ns: int
+    size: int
+
+    @property
+    def file_id(self) -> str:
+        """Digest naming this version inside cache keys."""
+        return file_identity(self.path, self.mtime_ns, self.size)
+
+
+def stat_version(path: str) -> FileVersion:
+    """``stat`` the file as the current identity; DataUnavailable when that fails."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise DataUnavailable(f"cannot read {path}: {exc.strerror or exc}") from exc
+    return FileVersion(path, st.st_mtime_ns, st.st_size)
+
+
+class ByteLRU(Generic[T]):
+    """Thread-safe LRU bounded by the total ``nbytes`` of its values."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._items: collections.OrderedDict[str, tuple[T, int]] = collections.OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> T | None:
+        """The value, marked most recently used; None on a miss."""
+        with self._lock:
+            item = self._items.get(key)
+            if item is None:
+                return None
+            self._items.move_to_end(key)
+            return item[0]
+
+    def put(self, key: str, value: T, nbytes: int) -> None:
+        """Insert, evicting least recently used values; a value over budget is skipped."""
+        if nbytes > self.max_bytes:
+            return
+        with self._lock:
+            old = self._items.pop(key, None)
+            if old is not None:
+                self._bytes -= old[1]
+            self._items[key] = (value, nbytes)
+            self._bytes += nbytes
+            while self._bytes > self.max_bytes:
+                _, (_, evicted) = self._items.popitem(last=False)
+                self._bytes -= evicted
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes currently held."""
+        with self._lock:
+            return self._bytes
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._items)
+
+
+class SingleFlight(Generic[T]):
+    """Runs a function once per key among concurrent callers; the others share its result."""
+
+    def __init__(self) -> None:
+        self._flights: dict[str, concurrent.futures.Future[T]] = {}
+        self._lock = threading.Lock()
+
+    def do(self, key: str, fn: Callable[[], T]) -> T:
+        """``fn()``'s result (or exception) for every caller arriving while it runs."""
+        with self._lock:
+            flight = self._flights.get(key)
+            leader = flight is None
+            if flight is None:
+                flight = self._flights[key] = concurrent.futures.Future()
+        if not leader:
+            return flight.result()
+        try:
+            result = fn()
+        except BaseException as exc:
+            flight.set_exception(exc)
+            raise
+        else:
+            flight.set_result(result)
+            return result
+        finally:
+            with self._lock:
+                del self._flights[key]
+
+
+class ReducedCache(Generic[V]):
+    """Reduced images of one ESAF gid: LRU -> Redis -> compute, computed once."""
+
+    def __init__(
+        self,
+        redis_url: str | None,
+        gid: int,
+        decode: Callable[[bytes], V],
+        *,
+        ttl_s: int,
+        lru_max_bytes: int,
+    ) -> None:
+        self.gid = gid
+        self._decode = decode
+        self._ttl_s = ttl_s
+        self.lru: ByteLRU[V] = ByteLRU(lru_max_bytes)
+        self._flights: SingleFlight[V] = SingleFlight()
+        self._redis = _redis_client(redis_url) if redis_url else None
+        self._redis_down_until = 0.0
+        self._token = uuid.uuid4().hex
+
+    def get(self, path: str, view_token: str, compute: Callable[[FileVersion], V]) -> V:
+        """The reduced image of ``path`` for ``view_token``; ``compute`` runs on a miss.
+
+        ``compute``'s DataUnavailable (and any other error) propagates and nothing is
+        cached, so the next request tries again.
+        """
+        version = stat_version(path)
+        key = reduced_key(self.gid, version.file_id, view_token)
+        value = self.lru.get(key)
+        if value is not None:
+            self._redis_call(lambda r: _touch(r, key, self._ttl_s, stats_key(self.gid, "lru_hits")))
+            return value
+        return self._flights.do(key, lambda: self._load(key, version, compute))
+
+    def stats(self) -> dict[str, int]:
+        """The gid's counters in Redis (``computed``, ``hits``, ``lru_hits``)."""
+        names = ("computed", "hits", "lru_hits")
+        raw = self._redis_call(lambda r: r.mget([stats_key(self.gid, n) for n in names]))
+        values = raw if isinstance(raw, list) else [None] * len(names)
+        return {n: int(v or 0) for n, v in zip(names, values, strict=True)}
+
+    def close(self) -> None:
+        """Release the Redis connection pool."""
+        if self._redis is not None:
+            self._redis.close()
+
+    # -- miss path --------------------------------------------------------------------
+
+    def _load(self, key: str, version: FileVersion, compute: Callable[[FileVersion], V]) -> V:
+        value = self._from_redis(key)
+        if value is not None:
+            return value
+        lock = lock_key(self.gid, key)
+        owner = self._redis_call(lambda r: r.set(lock, self._token, nx=True, px=_ms(LOCK_TTL_S)))
+        if owner is None and self._redis_usable():
+            value = self._wait_for_other(key, lock)
+            if value is not None:
+                return value
+        try:
+            value = compute(version)
+            self._store(key, value)
+        finally:
+            if owner:
+                self._release(lock)
+        return value
+
+    def _from_redis(self, key: str) -> V | None:
+        """Value from Redis (refreshing its TTL and counting the hit), or None."""
+        data = self._redis_call(lambda r: _get_refresh(r, key, self._ttl_s))
+        if not isinstance(data, bytes):
+            return None
+        try:
+            value = self._decode(data)
+        except Exception as exc:  # a corrupt entry is a miss, never a failure
+            log.warning("cache entry %s undecodable (%s); recomputing", key, exc)
+            return None
+        self._redis_call(lambda r: r.incr(stats_key(self.gid, "hits")))
+        self.lru.put(key, value, value.nbytes)
+        return value
+
+    def _wait_for_other(self, key: str, lock: str) -> V | None:
+        """Another worker computes this key: poll for its value, bounded."""
+        deadline = time.monotonic() + LOCK_WAIT_S
+        while time.monotonic() < deadline:
+            time.sleep(LOCK_POLL_S)
+            value = self._from_redis(key)
+            if value is not None:
+                return value
+            if self._redis_call(lambda r: r.exists(lock)) != 1:
+                return self._from_redis(key)  # holder finished (or failed): last look
+        log.warning("waited %.0f s for %s; computing it here", LOCK_WAIT_S, key)
+        return None
+
+    def _store(self, key: str, value: V) -> None:
+        self.lru.put(key, value, value.nbytes)
+        data = value.to_bytes()
+
+        def write(r: redis.Redis) -> None:
+            with r.pipeline(transaction=False) as pipe:
+                if len(data) <= MAX_REDIS_VALUE_BYTES:
+                    pipe.set(key, data, ex=self._ttl_s)
+                pipe.incr(stats_key(self.gid, "computed"))
+                pipe.execute()
+
+        self._redis_call(write)
+
+    def _release(self, lock: str) -> None:
+        """Delete our lock. GET-then-DEL is not atomic: at worst another worker's fresh
+        lock goes early and one image is computed twice, which is harmless (no Lua, so
+        the per-gid ACL needs no scripting rights)."""
+
+        def release(r: redis.Redis) -> None:
+            if r.get(lock) == self._token.encode():
+                r.delete(lock)
+
+        self._redis_call(release)
+
+    # -- Redis guard ------------------------------------------------------------------
+
+    def _redis_usable(self) -> bool:
+        return self._redis is not None and time.monotonic() >= self._redis_down_until
+
+    def _redis_call(self, fn: Callable[[redis.Redis], T]) -> T | None:
+        """Run ``fn`` on Redis; on any Redis error log, back off, return None."""
+        if self._redis is None or not self._redis_usable():
+            return None
+        try:
+            return fn(self._redis)
+        except (redis.RedisError, OSError) as exc:
+            self._redis_down_until = time.monotonic() + REDIS_BACKOFF_S
+            log.warning(
+                "cache Redis error (%s); working without it for %.0f s", exc, REDIS_BACKOFF_S
+            )
+            return None
+
+
+class ReaderCache(Generic[T]):
+    """Opened readers by file version, so an Eiger dataset's files stay open between frames.
+
+    Readers are leased: one evicted while in use is closed when its last lease ends.
+    """
+
+    def __init__(
+        self, capacity: int, opener: Callable[[str], T], closer: Callable[[T], None]
+    ) -> None:
+        self.capacity = capacity
+        self._opener = opener
+        self._closer = closer
+        self._open: collections.OrderedDict[FileVersion, T] = collections.OrderedDict()
+        self._leases: collections.Counter[int] = collections.Counter()
+        self._retired: dict[int, T] = {}
+        self._opening: dict[FileVersion, threading.Lock] = {}
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def lease(self, version: FileVersion) -> Iterator[T]:
+        """An open reader for ``version`` for the duration of the ``with`` block."""
+        reader = self._acquire(version)
+        try:
+            yield reader
+        finally:
+            self._release(reader)
+
+    def close(self) -> None:
+        """Close every reader not in use; the rest close when their leases end."""
+        with self._lock:
+            readers = list(self._open.values())
+            self._open.clear()
+        for reader in readers:
+            self._retire(reader)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._open)
+
+    def _acquire(self, version: FileVersion) -> T:
+        with self._lock:
+            reader = self._lease_open(version)
+            if reader is not None:
+                return reader
+            opening = self._opening.setdefault(version, threading.Lock())
+        with opening:  # one thread opens a given version; the others then find it
+            with self._lock:
+                reader = self._lease_open(version)
+                if reader is not None:
+                    return reader
+            reader = self._opener(version.path)
+            with self._lock:
+                self._opening.pop(version, None)
+                # Older versions of the same path go at once: HDF5 shares one open file
+                # per inode, so a stale handle could lend its cached metadata to a reopen.
+                evicted = [self._open.pop(v) for v in list(self._open) if v.path == version.path]
+                self._open[version] = reader
+                self._leases[id(reader)] += 1
+                while len(self._open) > self.capacity:
+                    evicted.append(self._open.popitem(last=False)[1])
+        for old in evicted:
+            self._retire(old)
+        return reader
+
+    def _lease_open(self, version: FileVersion) -> T | None:
+        """Lease an already open reader (caller holds the lock)."""
+        reader = self._open.get(version)
+        if reader is not None:
+            self._open.move_to_end(version)
+            self._leases[id(reader)] += 1
+        return reader
+
+    def _retire(self, reader: T) -> None:
+        with self._lock:
+            if self._leases[id(reader)] > 0:
+                self._retired[id(reader)] = reader
+                return
+        self._close_quietly(reader)
+
+    def _release(self, reader: T) -> None:
+        with self._lock:
+            self._leases[id(reader)] -= 1
+            if self._leases[id(reader)] > 0:
+                return
+            del self._leases[id(reader)]
+            retired = self._retired.pop(id(reader), None)
+        if retired is not None:
+            self._close_quietly(retired)
+
+    def _close_quietly(self, reader: T) -> None:
+        try:
+            self._closer(reader)
+        except Exception as exc:  # closing a broken file must not fail a request
+            log.warning("closing reader failed: %s", exc)
+
+
+def _redis_client(url: str) -> redis.Redis:
+    """Short timeouts: a slow cache must cost little before we give up on it."""
+    return redis.Redis.from_url(
+        url, socket_timeout=2.0, socket_connect_timeout=1.0, health_check_interval=30
+    )
+
+
+def _get_refresh(r: redis.Redis, key: str, ttl_s: int) -> object:
+    return r.getex(key, ex=ttl_s)
+
+
+def _touch(r: redis.Redis, key: str, ttl_s: int, counter: str) -> None:
+    with r.pipeline(transaction=False) as pipe:
+        pipe.expire(key, ttl_s)
+        pipe.incr(counter)
+        pipe.execute()
+
+
+def _ms(seconds: float) -> int:
+    return int(seconds * 1000)

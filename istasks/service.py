@@ -1,0 +1,240 @@
+"""Turn an is.js job into its reply frames (spec 2.2-2.4) with the image core and cache.
+
+No Celery here: :mod:`istasks.tasks` is the thin adapter. Frames are returned *without*
+the leading empty "no error" frame; failures are raised as :class:`IsError` and mapped
+to the one error frame by ``istasks.replies``. Relative paths resolve against the
+worker's cwd (the ESAF home), as in the original.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from istasks.cache import FileVersion, ReaderCache, ReducedCache
+from istasks.core.params import ViewParams
+from istasks.core.readers import open_reader
+from istasks.core.readers.base import FrameReader
+from istasks.core.view import Reduced, reduce_frame, render_blank, render_jpeg
+from istasks.errors import DataUnavailable, IndexerError, RequestError
+from istasks.indexer import IndexRequest, run_index
+from istasks.jobs import (
+    Job,
+    contrast_params,
+    dumps,
+    int_field,
+    label_params,
+    spots_job,
+    str_field,
+    view_params,
+)
+from istasks.settings import Settings
+
+log = logging.getLogger(__name__)
+
+Frames = list[bytes]
+
+#: Opened readers kept per worker process (an Eiger dataset = master + data files).
+READER_CACHE_SIZE = 8
+
+
+class SpotsRequestError(RequestError):
+    """``spots`` without ``fn``. Reply: one error frame (spec 2.3)."""
+
+    origin = "isSpots.c isSpots"
+
+
+class SpotsDataError(DataUnavailable):
+    """``spots`` whose frame cannot be reduced. Reply: one error frame (spec 2.3)."""
+
+    origin = "isSpots.c isSpots"
+
+
+class IndexRequestError(RequestError):
+    """``index`` without ``fn1``. Reply: one error frame."""
+
+    origin = "isIndex.c isIndex"
+
+
+@dataclass
+class Service:
+    """The request handlers of one worker process (one ESAF gid)."""
+
+    settings: Settings
+    cache: ReducedCache[Reduced]
+    readers: ReaderCache[FrameReader]
+    progress: redis.Redis | None = None
+    index_slots: threading.BoundedSemaphore | None = None
+
+    # -- requests ---------------------------------------------------------------------
+
+    def jpeg(self, job: Job) -> Frames:
+        """``""`` is added by the caller; here: job echo, meta, JPEG (spec 2.2).
+
+        When the image cannot be produced the reply is the original's blank fallback
+        (job unchanged, empty meta, grey JPEG), but the reason is not swallowed: it is
+        logged and added to the echoed job as ``error`` (is.js ignores unknown fields).
+        """
+        fn = str_field(job, "fn")
+        params = view_params(job)
+        label = label_params(job)
+        if not fn:
+            return self._blank(job, params, reason=None)
+        try:
+            reduced = self.reduced(fn, params)
+            rendered = render_jpeg(
+                reduced, contrast_params(job), label, quality=self.settings.jpeg_quality
+            )
+        except (DataUnavailable, OSError) as exc:  # EncodeError is not: it stays an error
+            log.info("jpeg %s frame %d: blank image (%s)", fn, params.frame, exc)
+            return self._blank(job, params, reason=_reason(exc))
+        echo = dict(job, wval_used=rendered.wval_used, bval_used=rendered.bval_used)
+        return [_json(echo), _json(_reply_meta(reduced, fn)), rendered.jpeg.data]
+
+    def spots(self, job: Job) -> Frames:
+        """Job (with the spots edits) and the meta holding ``spots`` (spec 2.3)."""
+        fn = str_field(job, "fn")
+        if not fn:
+            raise SpotsRequestError(f"Missing filename for job {dumps(job)}")
+        edited = spots_job(job)
+        try:
+            reduced = self.reduced(fn, view_params(edited))
+        except (DataUnavailable, OSError) as exc:
+            log.info("spots %s: no data (%s)", fn, exc)
+            raise SpotsDataError(f"Missing data for job {dumps(edited)}") from exc
+        return [_json(edited), _json(_reply_meta(reduced, fn))]
+
+    def index(self, job: Job) -> Frames:
+        """Job (unchanged) and the indexer's result JSON or ``""`` (spec 2.4, 6.2)."""
+        request = _index_request(job)
+        slots = self.index_slots
+        if slots is not None and not slots.acquire(blocking=False):
+            raise IndexerError("too many index jobs running for this user; try again later")
+        try:
+            result = run_index(
+                request,
+                command=self.settings.indexer_command,
+                timeout_s=self.settings.index_timeout_s,
+                tmp_dir=self.settings.index_tmp_dir,
+                publish=_ProgressPublisher(self.progress) if self.progress else None,
+            )
+        finally:
+            if slots is not None:
+                slots.release()
+        return [_json(job), b"" if result is None else _json(result)]
+
+    # -- shared steps -----------------------------------------------------------------
+
+    def reduced(self, fn: str, params: ViewParams) -> Reduced:
+        """The reduced image for ``fn``/``params``, from the cache or computed once."""
+        path = resolve_path(fn)
+
+        def compute(version: FileVersion) -> Reduced:
+            with self.readers.lease(version) as reader:
+                frame = reader.read_frame(params.frame)
+            return reduce_frame(
+                frame,
+                params,
+                spot_sensitivity=self.settings.spot_sensitivity,
+                max_xsize=self.settings.max_xsize,
+            )
+
+        return self.cache.get(path, params.cache_token(), compute)
+
+    def close(self) -> None:
+        """Close readers and Redis connections."""
+        self.readers.close()
+        self.cache.close()
+        if self.progress is not None:
+            self.progress.close()
+
+    def _blank(self, job: Job, params: ViewParams, *, reason: str | None) -> Frames:
+        label = label_params(job)
+        blank = render_blank(
+            params.xsize,
+            label,
+            quality=self.settings.jpeg_quality,
+            max_xsize=self.settings.max_xsize,
+        )
+        echo = job if reason is None else dict(job, error=reason)
+        return [_json(echo), b"", blank.data]
+
+
+class _ProgressPublisher:
+    """Publishes one index job's progress on the service's Redis.
+
+    A failure (Redis down, or an ACL that forbids the channel) is logged once and the
+    rest of that job's progress is dropped: progress is best effort, never an error.
+    """
+
+    def __init__(self, client: redis.Redis) -> None:
+        self._client = client
+        self._failed = False
+
+    def __call__(self, channel: str, message: str) -> None:
+        if self._failed:
+            return
+        try:
+            self._client.publish(channel, message)
+        except (redis.RedisError, OSError) as exc:
+            self._failed = True
+            log.warning("progress to %s not published (%s); dropping the rest", channel, exc)
+
+
+def build_service(settings: Settings, gid: int, *, threads: int | None = None) -> Service:
+    """The service of a worker serving ESAF ``gid`` with ``threads`` task threads
+    (default ``settings.worker_concurrency``), wired to the cache Redis."""
+    cache: ReducedCache[Reduced] = ReducedCache(
+        settings.cache,
+        gid,
+        Reduced.from_bytes,
+        ttl_s=settings.cache_ttl_s,
+        lru_max_bytes=settings.lru_max_bytes,
+    )
+    readers: ReaderCache[FrameReader] = ReaderCache(
+        READER_CACHE_SIZE, open_reader, lambda reader: reader.close()
+    )
+    progress = redis.Redis.from_url(settings.cache, socket_timeout=2.0) if settings.cache else None
+    # Index jobs may run for many minutes; always leave a thread for views (bug 8/23).
+    slots = threading.BoundedSemaphore(max(1, (threads or settings.worker_concurrency) - 1))
+    return Service(settings, cache, readers, progress, slots)
+
+
+def resolve_path(fn: str) -> str:
+    """``fn`` as the original opened it: absolute, or relative to the cwd (ESAF home)."""
+    return fn if os.path.isabs(fn) else os.path.join(os.getcwd(), fn)
+
+
+def _index_request(job: Job) -> IndexRequest:
+    fn1 = str_field(job, "fn1")
+    if not fn1:
+        raise IndexRequestError(f"Missing fn1 for job {dumps(job)}")
+    fn2 = str_field(job, "fn2")
+    return IndexRequest(
+        fn1=resolve_path(fn1),
+        fn2=resolve_path(fn2) if fn2 and fn2 != fn1 else None,
+        frame1=int_field(job, "frame1"),
+        frame2=int_field(job, "frame2"),
+        tag=str_field(job, "tag") or "Tag_Not_Found",
+        channel=str_field(job, "progressPublisher") or None,
+    )
+
+
+def _reply_meta(reduced: Reduced, fn: str) -> dict[str, Any]:
+    """The reduced image's meta with ``fn`` as requested (the cache is shared per gid)."""
+    meta = dict(reduced.meta)
+    meta["fn"] = fn
+    return meta
+
+
+def _reason(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
+
+
+def _json(obj: object) -> bytes:
+    return dumps(obj).encode()

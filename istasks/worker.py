@@ -1,0 +1,123 @@
+"""Entry point of one identity's Celery worker (contract item 4).
+
+``python -m istasks.worker --queue UID:GID`` (or :func:`serve`) runs a worker that
+consumes exactly ``UID:GID`` and ``UID:GID:prefetch``, in that priority order, with
+node name ``is_<uid>_<gid>@<host>``. The process holds its queue's envelope key (from
+``IS_QUEUE_KEY``; dev only: derived from the master secret) and refuses any task not
+sealed for its queue.
+
+Pool: threads. A request is mostly numpy/h5py/libjpeg work that releases the GIL, the
+in-process LRU and open readers are shared by every thread (prefork would keep one copy
+per child and pay a pickled hand-off per task), and there is no child-process start-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import sys
+import time
+from collections.abc import Mapping, Sequence
+
+from celery import signals
+
+from istasks.app import get_app, master_secret
+from istasks.settings import Settings, get_settings
+from queues.envelope import queue_key as derive_queue_key
+from queues.naming import parse_queue_name
+
+log = logging.getLogger(__name__)
+
+#: Celery's own per-task INFO lines would log every envelope and a result repr; ours
+#: (istasks.tasks) is the one line per request.
+_QUIET_LOGGERS = ("celery.app.trace", "celery.worker.strategy", "celery.worker.consumer.mingle")
+
+
+def serve(
+    queue: str, queue_key: bytes, *, concurrency: int | None = None, hostname: str | None = None
+) -> None:
+    """Run the worker for ``queue`` in this process until shutdown.
+
+    Raises SystemExit with Celery's exit code when the worker stopped on an error.
+    """
+    started = time.monotonic()
+    identity, is_prefetch = parse_queue_name(queue)
+    if is_prefetch:
+        raise ValueError(f"serve the interactive queue, not {queue!r}")
+    settings = get_settings()
+    for name in _QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    # Import the image core now, not on the first request (numpy, h5py, Pillow: ~0.5 s).
+    from istasks.service import build_service
+    from istasks.tasks import WorkerContext, register
+
+    threads = concurrency or settings.worker_concurrency
+    service = build_service(settings, identity.gid, threads=threads)
+    app = get_app()
+    register(app, WorkerContext(queue, queue_key, settings, service))
+    node = hostname or f"is_{identity.uid}_{identity.gid}@{socket.gethostname()}"
+
+    def _ready(**_: object) -> None:
+        log.info(
+            "worker %s ready on %s in %.0f ms", node, queue, (time.monotonic() - started) * 1e3
+        )
+
+    signals.worker_ready.connect(_ready, weak=False)
+
+    worker = app.Worker(
+        hostname=node,
+        queues=[queue, identity.prefetch_queue],
+        pool_cls="threads",
+        concurrency=threads,
+        loglevel=settings.log_level,
+        quiet=True,
+        # Mingle waits for other nodes' replies at start-up and gossip follows every
+        # worker's events: per-identity workers need neither, and start faster.
+        without_mingle=True,
+        without_gossip=True,
+    )
+    try:
+        worker.start()
+    finally:
+        service.close()
+    if worker.exitcode:
+        raise SystemExit(worker.exitcode)
+
+
+def worker_key(queue: str, settings: Settings, environ: Mapping[str, str] | None = None) -> bytes:
+    """The queue's envelope key: ``IS_QUEUE_KEY`` (given by the supervisor), else, for
+    development only, derived from the master secret (which then lives in this process)."""
+    env = os.environ if environ is None else environ
+    # Not a Settings field on purpose: it is per process, set by whoever spawns us.
+    given = env.get("IS_QUEUE_KEY")
+    if given:
+        return given.encode()
+    log.warning("IS_QUEUE_KEY not set: deriving the queue key from the master secret (dev only)")
+    return derive_queue_key(master_secret(settings), queue)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m istasks.worker --queue UID:GID [--concurrency N] [--hostname NAME]``."""
+    parser = argparse.ArgumentParser(prog="python -m istasks.worker", description=__doc__)
+    parser.add_argument("--queue", required=True, help="interactive queue UID:GID")
+    parser.add_argument("--concurrency", type=int, default=None, help="threads (default setting)")
+    parser.add_argument("--hostname", default=None, help="Celery node name")
+    args = parser.parse_args(argv)
+    settings = get_settings()
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format=f"%(asctime)s %(levelname)s [{args.queue}] %(name)s: %(message)s",
+    )
+    try:
+        key = worker_key(args.queue, settings)
+        serve(args.queue, key, concurrency=args.concurrency, hostname=args.hostname)
+        return 0
+    except ValueError as exc:
+        print(f"istasks.worker: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

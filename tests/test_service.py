@@ -1,0 +1,156 @@
+"""Jobs to reply frames (spec 2.2, 2.3) on generated Eiger files, with the Redis cache."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from istasks.errors import IsError
+from istasks.service import Service, build_service
+from istasks.settings import Settings
+from istasks.testdata.eiger import write_eiger
+
+GID = 5001
+
+
+@pytest.fixture
+def master(tmp_path: Path) -> Path:
+    return write_eiger(tmp_path / "data", "x_1", nimages=4, frames_per_file=2, shape=(512, 514))
+
+
+@pytest.fixture
+def service(redis_url: str) -> Iterator[Service]:
+    svc = build_service(Settings(redis_url=redis_url), GID)
+    yield svc
+    svc.close()
+
+
+def jpeg_size(data: bytes) -> tuple[int, int]:
+    with Image.open(io.BytesIO(data)) as image:
+        image.load()
+        assert image.format == "JPEG"
+        return image.size
+
+
+def test_jpeg_frames(service: Service, master: Path) -> None:
+    job = {"type": "jpeg", "pid": "p", "esaf": 51234, "fn": str(master), "frame": 3,
+           "xsize": 256, "label": "x_1", "labelHeight": 16, "tag": "img-3",
+           "contrast": -1}  # fmt: skip
+    echo, meta, jpeg = service.jpeg(job)
+    reply = json.loads(echo)
+    assert reply == {**job, "wval_used": reply["wval_used"], "bval_used": reply["bval_used"]}
+    assert isinstance(reply["wval_used"], int)
+    assert reply["bval_used"] > reply["wval_used"]
+    assert echo == json.dumps(reply, separators=(",", ":"), sort_keys=True).encode()
+    info = json.loads(meta)
+    assert info["fn"] == str(master)
+    assert info["frame"] == 3
+    assert (info["first_frame"], info["last_frame"]) == (1, 4)
+    for key in ("n", "mean", "rms", "stddev", "min", "max", "spots", "nSaturated"):
+        assert key in info
+    assert list(json.loads(meta)) == sorted(info)
+    assert jpeg[:2] == b"\xff\xd8"
+    assert jpeg_size(jpeg) == (256, 256 + 16)
+
+
+def test_jpeg_second_request_is_a_cache_hit(service: Service, master: Path) -> None:
+    job = {"type": "jpeg", "fn": str(master), "frame": 2, "xsize": 128}
+    first = service.jpeg(job)
+    second = service.jpeg({**job, "wval": 5, "contrast": 40})  # same geometry, new contrast
+    assert service.cache.stats() == {"computed": 1, "hits": 0, "lru_hits": 1}
+    assert json.loads(second[0])["wval_used"] == 5
+    assert json.loads(second[0])["bval_used"] == 40
+    assert second[1] == first[1]
+
+
+def test_jpeg_blank_for_missing_file_says_why(service: Service, tmp_path: Path) -> None:
+    job = {"type": "jpeg", "fn": str(tmp_path / "gone_master.h5"), "xsize": 100,
+           "label": "gone", "labelHeight": 16}  # fmt: skip
+    echo, meta, jpeg = service.jpeg(job)
+    reply = json.loads(echo)
+    assert "wval_used" not in reply
+    assert "No such file" in reply.pop("error")
+    assert reply == job
+    assert meta == b""
+    assert jpeg_size(jpeg) == (100, 116)
+    with Image.open(io.BytesIO(jpeg)) as image:
+        assert image.convert("RGB").getpixel((50, 80)) == pytest.approx((240, 240, 240), abs=2)
+
+
+def test_jpeg_blank_without_fn_is_the_original_reply(service: Service) -> None:
+    echo, meta, jpeg = service.jpeg({"type": "jpeg", "xsize": 3})
+    assert echo == b'{"type":"jpeg","xsize":3}'
+    assert meta == b""
+    assert jpeg_size(jpeg) == (8, 8)
+
+
+def test_jpeg_blank_for_frame_out_of_range_and_oversize(redis_url: str, master: Path) -> None:
+    service = build_service(Settings(redis_url=redis_url, max_xsize=500), GID)
+    try:
+        echo, meta, _ = service.jpeg({"fn": str(master), "frame": 99, "xsize": 64})
+        assert meta == b""
+        assert json.loads(echo)["error"]
+        echo, meta, jpeg = service.jpeg({"fn": str(master), "xsize": 20000})
+    finally:
+        service.close()
+    assert meta == b""
+    assert json.loads(echo)["error"]
+    assert jpeg_size(jpeg) == (500, 500)  # bug 23 fixed: the blank is clamped
+
+
+def test_relative_fn_resolves_against_cwd(
+    service: Service, master: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(master.parent.parent)
+    relative = f"{master.parent.name}/{master.name}"
+    echo, meta, _ = service.jpeg({"fn": relative, "xsize": 64})
+    assert "error" not in json.loads(echo)
+    assert json.loads(meta)["fn"] == relative
+
+
+def test_spots_edits_job_and_returns_meta(service: Service, master: Path) -> None:
+    job = {"type": "spots", "fn": str(master), "frame": 1, "zoom": 4, "segcol": 2}
+    frames = service.spots(job)
+    assert len(frames) == 2
+    echo = json.loads(frames[0])
+    assert echo == {**job, "xsize": 384, "zoom": 1.0, "segcol": 0.0, "segrow": 0.0}
+    assert b'"zoom":1.0' in frames[0]
+    meta = json.loads(frames[1])
+    assert isinstance(meta["spots"], int)
+    assert meta["spots"] > 0
+    # A 384-wide full-frame jpeg shares the reduction (same cache key).
+    service.jpeg({"type": "jpeg", "fn": str(master), "frame": 1, "xsize": 384})
+    assert service.cache.stats()["computed"] == 1
+
+
+def test_spots_errors_keep_the_original_text(service: Service, tmp_path: Path) -> None:
+    with pytest.raises(IsError) as missing:
+        service.spots({"type": "spots", "tag": "a"})
+    assert missing.value.wire_text() == (
+        'isSpots.c isSpots: Missing filename for job {"tag":"a","type":"spots"}'
+    )
+    gone = str(tmp_path / "gone.h5")
+    with pytest.raises(IsError) as no_data:
+        service.spots({"type": "spots", "fn": gone})
+    assert no_data.value.wire_text() == (
+        f'isSpots.c isSpots: Missing data for job {{"fn":"{gone}","segcol":0.0,'
+        '"segrow":0.0,"type":"spots","xsize":384,"zoom":1.0}'
+    )
+
+
+def test_rewritten_file_is_not_served_stale(service: Service, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    master = write_eiger(data, "y", nimages=1, shape=(128, 128), seed=1)
+    first = json.loads(service.spots({"fn": str(master), "xsize": 64})[1])
+    # The detector writes a new version (replacing the files, as a file writer does).
+    fresh = write_eiger(tmp_path / "fresh", "y", nimages=1, shape=(256, 256), seed=2)
+    for path in fresh.parent.iterdir():
+        path.replace(data / path.name)
+    second = json.loads(service.spots({"fn": str(master), "xsize": 64})[1])
+    assert second["x_pixels_in_detector"] == 256 != first["x_pixels_in_detector"]
+    assert service.cache.stats()["computed"] == 2
