@@ -6,9 +6,15 @@ costs no thread per request: one listener thread holds a single pattern subscrip
 the result backend (the Redis backend publishes every result on a channel named after its
 key), so a result is delivered the moment the worker stores it. This avoids Celery's
 per-task result subscriptions, which leak channels and connections when used from many
-threads (field notes 3.4), and each result is deleted right after it is read.
+threads (field notes 3.4), and each result is deleted right after it is read. Each
+identity's worker stores its results under its own prefix (istasks.app.worker_isolation);
+a result counts only under the prefix of the identity the task was sent to.
 A watchdog thread enforces deadlines and notices dead workers through the pool's epoch.
 Callbacks added to the returned futures run on these threads: keep them short.
+
+Index progress: the listener also hears every identity's progress channel and relays a
+message only while that identity has an index request in flight that named its target
+channel, onto the session Redis where is.js clients listen (bridge.progress).
 
 Must stay light: no numpy, no h5py (the bridge is a small event loop).
 """
@@ -26,9 +32,13 @@ from typing import Any, Protocol
 
 import redis
 from celery import Celery
+from celery.backends.base import KeyValueStoreBackend
 
+from bridge.progress import ProgressRelay, parse_progress
 from istasks.app import TASK_NAMES, master_secret
 from istasks.errors import IsError, WorkerUnavailable
+from istasks.jobs import str_field
+from istasks.keys import PROGRESS, RESULTS, result_prefix
 from istasks.replies import error_frames, error_text, success_frames
 from istasks.settings import Settings
 from queues.envelope import seal
@@ -48,6 +58,8 @@ WATCH_INTERVAL_S = 0.25
 READ_TIMEOUT_S = 0.5
 #: Longest wait for the result subscription when the dispatcher starts.
 SUBSCRIBE_WAIT_S = 5.0
+#: Celery's result key prefix, before a worker's identity prefix is put in front.
+TASK_META = KeyValueStoreBackend.task_keyprefix
 
 
 class Dispatcher(Protocol):
@@ -75,6 +87,7 @@ class _Pending:
     deadline: float  # time.monotonic()
     started: float
     epoch: int | None = None
+    progress_channel: str | None = None  # index: the client's progressPublisher
 
 
 class CeleryDispatcher:
@@ -102,6 +115,7 @@ class CeleryDispatcher:
         self._senders = concurrent.futures.ThreadPoolExecutor(
             max_senders, thread_name_prefix="is-dispatch-send"
         )
+        self._relay = ProgressRelay(settings.sessions) if settings.sessions else None
         self._listener = _ResultListener(app, settings.results, self._id_prefix, self)
         self._watchdog = threading.Thread(target=self._watch, name="is-dispatch-watch", daemon=True)
         self._listener.start()
@@ -118,6 +132,8 @@ class CeleryDispatcher:
         future: concurrent.futures.Future[Frames] = concurrent.futures.Future()
         now = time.monotonic()
         entry = _Pending(future, identity, kind, request_id, now + self._timeout_s(kind), now)
+        if kind == "index":
+            entry.progress_channel = str_field(job, "progressPublisher") or None
         if kind not in TASK_NAMES:
             future.set_result(error_frames(f"bridge: unknown task kind {kind!r}"))
             return future
@@ -144,6 +160,8 @@ class CeleryDispatcher:
         self._senders.shutdown(wait=True, cancel_futures=True)
         self._listener.stop()
         self._watchdog.join(timeout=2.0)
+        if self._relay is not None:
+            self._relay.close()
         with self._lock:
             pending, self._pending = self._pending, {}
         for entry in pending.values():
@@ -178,6 +196,10 @@ class CeleryDispatcher:
                 queue=entry.identity.queue,
                 task_id=task_id,
                 expires=max(entry.deadline - time.monotonic(), 1.0),
+                # Events (Flower) and worker logs show these instead of the envelope,
+                # which carries the session's pid and the user's paths.
+                argsrepr="('<envelope>',)",
+                kwargsrepr="{}",
             )
         except IsError as exc:
             self.resolve(task_id, error_frames(exc.wire_text()))
@@ -188,10 +210,25 @@ class CeleryDispatcher:
 
     # -- completion -------------------------------------------------------------------
 
-    def pending_ids(self) -> list[str]:
-        """Task ids still waiting (the listener re-reads them after a reconnect)."""
+    def pending_keys(self) -> list[tuple[str, bytes]]:
+        """(task id, result key) of every task still waiting (the listener re-reads
+        them after a reconnect)."""
         with self._lock:
-            return list(self._pending)
+            return [(tid, result_key(e.identity, tid)) for tid, e in self._pending.items()]
+
+    def claim_result(self, channel: bytes) -> str | None:
+        """The waiting task whose result key is ``channel``, or None: answered already,
+        or published under another identity's prefix (a worker can write only its own,
+        so one that learnt another identity's task id still cannot answer for it)."""
+        task_id = channel.rpartition(TASK_META.encode())[2].decode("ascii", "replace")
+        with self._lock:
+            entry = self._pending.get(task_id)
+        if entry is None:
+            return None
+        if channel != result_key(entry.identity, task_id):
+            log.warning("result for %s came on %r: ignored", entry.identity.queue, channel)
+            return None
+        return task_id
 
     def resolve(self, task_id: str, frames: Frames) -> bool:
         """Answer one request exactly once; False when it was already answered."""
@@ -207,6 +244,23 @@ class CeleryDispatcher:
             sum(map(len, frames)), elapsed_ms,
         )  # fmt: skip
         return True
+
+    def on_progress(self, channel: bytes, data: bytes) -> None:
+        """Listener callback with one worker's progress message: relay it to the channel
+        it names if that identity has an index request in flight that named it."""
+        parsed = parse_progress(channel, data)
+        if parsed is None or self._relay is None:
+            return
+        identity, target, message = parsed
+        with self._lock:
+            wanted = any(
+                e.identity == identity and e.progress_channel == target
+                for e in self._pending.values()
+            )
+        if wanted:
+            self._relay.put(target, message)
+        else:
+            log.debug("progress of %s for %r not in flight: dropped", identity.queue, target)
 
     def on_result(self, task_id: str, meta: dict[str, Any]) -> None:
         """Listener callback with the decoded result meta of one of our tasks."""
@@ -260,7 +314,9 @@ _UNKNOWN = _Unknown()
 
 
 class _ResultListener(threading.Thread):
-    """One pattern subscription to ``celery-task-meta-<our prefix>*`` on the backend."""
+    """Pattern subscriptions on the result backend: our tasks' results under every
+    identity's prefix (``is:res:*:celery-task-meta-<our prefix>*``) and the identities'
+    progress channels (``is:progress:*``)."""
 
     def __init__(self, app: Celery, url: str, id_prefix: str, owner: CeleryDispatcher) -> None:
         super().__init__(name="is-dispatch-results", daemon=True)
@@ -269,9 +325,8 @@ class _ResultListener(threading.Thread):
         self._owner = owner
         self._stopping = threading.Event()
         self.ready = threading.Event()
-        prefix = app.backend.task_keyprefix  # b"celery-task-meta-" (+ any global prefix)
-        self._key_prefix = prefix if isinstance(prefix, bytes) else str(prefix).encode()
-        self._pattern = self._key_prefix + id_prefix.encode() + b"*"
+        self._pattern = f"{RESULTS}:*:{TASK_META}{id_prefix}*".encode()
+        self._progress_pattern = f"{PROGRESS}:*".encode()
 
     def stop(self) -> None:
         """Ask the loop to end and wait for it."""
@@ -298,8 +353,8 @@ class _ResultListener(threading.Thread):
         )
         pubsub = client.pubsub()  # type: ignore[no-untyped-call]
         try:
-            pubsub.psubscribe(self._pattern)
-            self._await_subscription(pubsub)
+            pubsub.psubscribe(self._pattern, self._progress_pattern)
+            self._await_subscription(pubsub, count=2)
             self.ready.set()
             self._recover(client)
             while not self._stopping.is_set():
@@ -308,19 +363,20 @@ class _ResultListener(threading.Thread):
             pubsub.close()
             client.close()
 
-    def _await_subscription(self, pubsub: Any) -> None:
-        """Wait for the server's confirmation so no later publish can be missed."""
+    def _await_subscription(self, pubsub: Any, *, count: int) -> None:
+        """Wait for the server's ``count`` confirmations so no later publish is missed."""
         deadline = time.monotonic() + SUBSCRIBE_WAIT_S
         while time.monotonic() < deadline and not self._stopping.is_set():
             message = pubsub.get_message(timeout=0.5)
             if message is not None and message["type"] == "psubscribe":
-                return
+                count -= 1
+                if count == 0:
+                    return
         raise redis.ConnectionError("no psubscribe confirmation")
 
     def _recover(self, client: redis.Redis) -> None:
         """Results stored while we were not subscribed are still under their keys."""
-        for task_id in self._owner.pending_ids():
-            key = self._key_prefix + task_id.encode()
+        for task_id, key in self._owner.pending_keys():
             payload = client.get(key)
             if isinstance(payload, bytes):
                 self._deliver(task_id, payload)
@@ -334,9 +390,13 @@ class _ResultListener(threading.Thread):
         while message is not None:
             if message["type"] == "pmessage":
                 channel = bytes(message["channel"])
-                task_id = channel[len(self._key_prefix) :].decode("ascii", "replace")
-                self._deliver(task_id, bytes(message["data"]))
-                consumed.append(channel)
+                if bytes(message["pattern"]) == self._progress_pattern:
+                    self._owner.on_progress(channel, bytes(message["data"]))
+                else:
+                    task_id = self._owner.claim_result(channel)
+                    if task_id is not None:
+                        self._deliver(task_id, bytes(message["data"]))
+                    consumed.append(channel)  # late, duplicate or foreign: delete too
             # More already waiting? Never read with a zero timeout: a large result that
             # has only partly arrived would then fail as a read timeout.
             ready = pubsub.connection is not None and pubsub.connection.can_read(timeout=0)
@@ -352,6 +412,11 @@ class _ResultListener(threading.Thread):
             meta = {"status": "FAILURE", "result": None}
         if isinstance(meta, dict):
             self._owner.on_result(task_id, meta)
+
+
+def result_key(identity: Identity, task_id: str) -> bytes:
+    """Key (and channel) of task ``task_id``'s result as ``identity``'s worker stores it."""
+    return f"{result_prefix(identity.uid, identity.gid)}{TASK_META}{task_id}".encode()
 
 
 def _frames_from_meta(meta: dict[str, Any], request_id: str) -> Frames:

@@ -13,7 +13,9 @@ from typing import Any
 
 from celery import Celery
 
+from istasks.keys import result_prefix, unacked_keys
 from istasks.settings import Settings, get_settings
+from queues.naming import Identity
 
 #: Task names of the wire request types (contract item 1).
 TASK_NAMES = {"jpeg": "is.jpeg", "spots": "is.spots", "index": "is.index"}
@@ -23,13 +25,17 @@ TASK_NAMES = {"jpeg": "is.jpeg", "spots": "is.spots", "index": "is.index"}
 RESULT_EXPIRES_S = 120
 
 
-def celery_config(settings: Settings) -> dict[str, Any]:
+def celery_config(settings: Settings, identity: Identity | None = None) -> dict[str, Any]:
     """Celery settings derived from ours; every choice that differs from Celery's default
-    is explained here because several are security or latency decisions."""
+    is explained here because several are security or latency decisions.
+
+    ``identity``: the configuration of that identity's worker, whose result and
+    in-flight keys are its own (:func:`worker_isolation`); None for the bridge and tools.
+    """
     # Minimum time a reserved-but-unacked message may sit before Redis redelivers it:
     # above the longest task we run, so no duplicate is ever made (field notes 3.6).
     visibility_timeout_s = max(3600.0, 2.0 * settings.index_timeout_s)
-    return {
+    config = {
         "broker_url": settings.broker,
         "result_backend": settings.results,
         # No pickle anywhere: anyone who can write to the broker could otherwise run
@@ -89,13 +95,51 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "broker_connection_max_retries": None,
         "enable_utc": True,
     }
+    if identity is not None:
+        config.update(worker_isolation(config, identity))
+    return config
 
 
-def create_app(settings: Settings | None = None) -> Celery:
-    """A new Celery app for ``settings`` (default: the process settings)."""
+def worker_isolation(config: dict[str, Any], identity: Identity) -> dict[str, Any]:
+    """Transport options that give one identity's worker Redis keys of its own, so that
+    its ACL user (queues.acl) reaches no other identity's results or in-flight tasks.
+
+    Results: every key and channel gets the prefix ``is:res:<uid>:<gid>:`` (Celery's
+    ``global_keyprefix``, Celery >= 5.3). The bridge knows each task's identity and
+    reads exactly there (bridge.dispatch), so a worker can neither read another ESAF's
+    images nor forge another identity's replies.
+
+    In-flight messages: kombu's ack emulation keeps every delivered, unacked message in
+    one hash (``unacked``, shared by all queues); each worker gets its own instead.
+    Restores then stay within the identity too: kombu puts a message back on its queue
+    when the worker stops cleanly (its own deliveries) or, from a consumer of the same
+    hash, once it is older than the visibility timeout. So what a killed worker left is
+    restored only by the identity's next worker, after the visibility timeout (>= 1 h),
+    and by nobody if none ever starts; messages in the old shared hash are never
+    restored. That costs nothing here: a task is acked as soon as a thread takes it (the
+    hash holds it for milliseconds), and a restored task would be past its ``expires``.
+    """
+    unacked = unacked_keys(identity.uid, identity.gid)
+    return {
+        "result_backend_transport_options": {
+            **config["result_backend_transport_options"],
+            "global_keyprefix": result_prefix(identity.uid, identity.gid),
+        },
+        "broker_transport_options": {
+            **config["broker_transport_options"],
+            "unacked_key": unacked.unacked_key,
+            "unacked_index_key": unacked.unacked_index_key,
+            "unacked_mutex_key": unacked.unacked_mutex_key,
+        },
+    }
+
+
+def create_app(settings: Settings | None = None, identity: Identity | None = None) -> Celery:
+    """A new Celery app for ``settings`` (default: the process settings); with
+    ``identity``, the app of that identity's worker (or of a tool reading its results)."""
     settings = settings or get_settings()
     app = Celery("is", set_as_current=False)
-    app.conf.update(celery_config(settings))
+    app.conf.update(celery_config(settings, identity))
     return app
 
 

@@ -3,9 +3,11 @@
 Fixes the original's bug 9: the run has a deadline and kills its whole process group,
 never leaves a zombie, always removes its private temp dir, JSON-escapes progress text,
 and sends the final ``done`` message only when the request named a channel. Progress
-goes to a channel on the *service's* Redis (``IS_CACHE_URL``/``IS_REDIS_URL``), never
-to a host taken from the request (``progressAddress``/``progressPort`` are ignored): a
-client must not be able to make the worker open connections to hosts of its choice.
+is handed to a ``publish`` callable: the worker's goes to its own identity channel and
+the bridge relays it to the named channel on the *service's* session Redis
+(istasks.service, bridge.dispatch), never to a host taken from the request
+(``progressAddress``/``progressPort`` are ignored): a client must not be able to make
+the service open connections to hosts of its choice.
 """
 
 from __future__ import annotations

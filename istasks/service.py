@@ -8,6 +8,7 @@ worker's cwd (the ESAF home), as in the original.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -33,7 +34,9 @@ from istasks.jobs import (
     str_field,
     view_params,
 )
+from istasks.keys import progress_channel
 from istasks.settings import Settings
+from queues.naming import Identity
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +71,7 @@ class Service:
     settings: Settings
     cache: ReducedCache[Reduced]
     readers: ReaderCache[FrameReader]
-    progress: redis.Redis | None = None
+    progress: ProgressOutlet | None = None
     index_slots: threading.BoundedSemaphore | None = None
 
     # -- requests ---------------------------------------------------------------------
@@ -151,7 +154,7 @@ class Service:
         self.readers.close()
         self.cache.close()
         if self.progress is not None:
-            self.progress.close()
+            self.progress.client.close()
 
     def _blank(self, job: Job, params: ViewParams, *, reason: str | None) -> Frames:
         label = label_params(job)
@@ -165,33 +168,50 @@ class Service:
         return [_json(echo), b"", blank.data]
 
 
+@dataclass(frozen=True)
+class ProgressOutlet:
+    """Where this worker sends index progress: its own identity channel on the result
+    Redis (:func:`istasks.keys.progress_channel`), the one channel its ACL user may use.
+
+    A worker never publishes on the channel a client named (``progressPublisher``): it
+    wraps each message as ``{"channel": <that name>, "message": <is.js JSON text>}`` and
+    the bridge, which subscribes to every identity's channel on the same connection as
+    the results, relays it there only while that identity has such a request in flight.
+    """
+
+    client: redis.Redis
+    channel: str
+
+
 class _ProgressPublisher:
-    """Publishes one index job's progress on the service's Redis.
+    """Publishes one index job's progress through the worker's :class:`ProgressOutlet`.
 
     A failure (Redis down, or an ACL that forbids the channel) is logged once and the
     rest of that job's progress is dropped: progress is best effort, never an error.
     """
 
-    def __init__(self, client: redis.Redis) -> None:
-        self._client = client
+    def __init__(self, outlet: ProgressOutlet) -> None:
+        self._outlet = outlet
         self._failed = False
 
     def __call__(self, channel: str, message: str) -> None:
         if self._failed:
             return
+        relayed = json.dumps({"channel": channel, "message": message})
         try:
-            self._client.publish(channel, message)
+            self._outlet.client.publish(self._outlet.channel, relayed)
         except (redis.RedisError, OSError) as exc:
             self._failed = True
             log.warning("progress to %s not published (%s); dropping the rest", channel, exc)
 
 
-def build_service(settings: Settings, gid: int, *, threads: int | None = None) -> Service:
-    """The service of a worker serving ESAF ``gid`` with ``threads`` task threads
-    (default ``settings.worker_concurrency``), wired to the cache Redis."""
+def build_service(settings: Settings, identity: Identity, *, threads: int | None = None) -> Service:
+    """The service of ``identity``'s worker (cache of its ESAF gid) with ``threads`` task
+    threads (default ``settings.worker_concurrency``), wired to the cache Redis and, for
+    index progress, to the result Redis (where the bridge listens)."""
     cache: ReducedCache[Reduced] = ReducedCache(
         settings.cache,
-        gid,
+        identity.gid,
         Reduced.from_bytes,
         ttl_s=settings.cache_ttl_s,
         lru_max_bytes=settings.lru_max_bytes,
@@ -199,7 +219,10 @@ def build_service(settings: Settings, gid: int, *, threads: int | None = None) -
     readers: ReaderCache[FrameReader] = ReaderCache(
         READER_CACHE_SIZE, open_reader, lambda reader: reader.close()
     )
-    progress = redis.Redis.from_url(settings.cache, socket_timeout=2.0) if settings.cache else None
+    progress = None
+    if settings.results:
+        client = redis.Redis.from_url(settings.results, socket_timeout=2.0)
+        progress = ProgressOutlet(client, progress_channel(identity.uid, identity.gid))
     # Index jobs may run for many minutes; always leave a thread for views (bug 8/23).
     slots = threading.BoundedSemaphore(max(1, (threads or settings.worker_concurrency) - 1))
     return Service(settings, cache, readers, progress, slots)

@@ -39,6 +39,10 @@ class Settings:
     task_secret: str | None = None
     task_secret_file: str | None = None
     task_max_age_s: float = 120.0
+    # Per process, never service-wide: the hex envelope key of the one queue a worker
+    # started by hand (``python -m istasks.worker``) serves, set by whoever spawns it.
+    # The supervisor hands its workers their keys directly and never passes this on.
+    queue_key: str | None = None
 
     # Request deadlines (the bridge always answers; these bound how long it waits).
     view_timeout_s: float = 20.0
@@ -56,6 +60,12 @@ class Settings:
     indexer_command: str = "rapd.index"
     index_tmp_dir: str | None = None
 
+    # Admin prefetch (``isctl prefetch``). A queued backlog waits behind every view, so
+    # its envelopes live longer than interactive ones (a replayed one only warms the
+    # cache); each run keeps this many tasks in flight, i.e. worker threads busy.
+    prefetch_max_age_s: float = 3600.0
+    prefetch_window: int = 1
+
     # Workers and identities (supervisor).
     worker_idle_s: float = 600.0
     worker_max: int = 64
@@ -71,7 +81,9 @@ class Settings:
     # Operations.
     log_level: str = "INFO"
     log_syslog: bool = False
+    log_syslog_address: str = "/dev/log"
     metrics_port: int | None = None
+    metrics_address: str = "127.0.0.1"
     flower_port: int = 5555
     flower_basic_auth: str | None = None
 

@@ -2,9 +2,10 @@
 
 ``python -m istasks.worker --queue UID:GID`` (or :func:`serve`) runs a worker that
 consumes exactly ``UID:GID`` and ``UID:GID:prefetch``, in that priority order, with
-node name ``is_<uid>_<gid>@<host>``. The process holds its queue's envelope key (from
-``IS_QUEUE_KEY``; dev only: derived from the master secret) and refuses any task not
-sealed for its queue.
+node name ``is_<uid>_<gid>@<host>``. The process holds its queue's envelope key (given
+by the supervisor, or ``IS_QUEUE_KEY``; dev only: derived from the master secret) and
+refuses any task not sealed for its queue. Its Celery app stores results and in-flight
+messages under keys of its own identity (:func:`istasks.app.worker_isolation`).
 
 Pool: threads. A request is mostly numpy/h5py/libjpeg work that releases the GIL, the
 in-process LRU and open readers are shared by every thread (prefork would keep one copy
@@ -15,15 +16,14 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import socket
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 from celery import signals
 
-from istasks.app import get_app, master_secret
+from istasks.app import create_app, master_secret
 from istasks.settings import Settings, get_settings
 from queues.envelope import queue_key as derive_queue_key
 from queues.naming import parse_queue_name
@@ -54,8 +54,8 @@ def serve(
     from istasks.tasks import WorkerContext, register
 
     threads = concurrency or settings.worker_concurrency
-    service = build_service(settings, identity.gid, threads=threads)
-    app = get_app()
+    service = build_service(settings, identity, threads=threads)
+    app = create_app(settings, identity)
     register(app, WorkerContext(queue, queue_key, settings, service))
     node = hostname or f"is_{identity.uid}_{identity.gid}@{socket.gethostname()}"
 
@@ -86,14 +86,12 @@ def serve(
         raise SystemExit(worker.exitcode)
 
 
-def worker_key(queue: str, settings: Settings, environ: Mapping[str, str] | None = None) -> bytes:
-    """The queue's envelope key: ``IS_QUEUE_KEY`` (given by the supervisor), else, for
-    development only, derived from the master secret (which then lives in this process)."""
-    env = os.environ if environ is None else environ
-    # Not a Settings field on purpose: it is per process, set by whoever spawns us.
-    given = env.get("IS_QUEUE_KEY")
-    if given:
-        return given.encode()
+def worker_key(queue: str, settings: Settings) -> bytes:
+    """The queue's envelope key: ``settings.queue_key`` (``IS_QUEUE_KEY``, set by whoever
+    spawns this worker by hand), else, for development only, derived from the master
+    secret (which then lives in this process)."""
+    if settings.queue_key:
+        return settings.queue_key.encode()
     log.warning("IS_QUEUE_KEY not set: deriving the queue key from the master secret (dev only)")
     return derive_queue_key(master_secret(settings), queue)
 

@@ -4,16 +4,15 @@ Every worker the supervisor starts gets a Redis user ``is_w_<tag>_<uid>_<gid>`` 
 names the supervisor instance, so that two supervisors sharing a Redis never remove each
 other's users) with a fresh random password, handed over only inside the worker's
 broker/result/cache URLs. The user may touch the cache keys of its ESAF gid
-(:func:`istasks.keys.gid_pattern`), the keys of its own two queues and the few shared
-keys kombu's Redis transport and Celery's Redis backend need (found by watching a real
-worker with MONITOR and ACL LOG). It cannot list keys (no KEYS/SCAN), subscribe to other
-workers' results, or run admin commands, so a worker of ESAF B gets NOPERM on ESAF A's
-cached images.
-
-Residual sharing, by kombu's design: the ``unacked`` hash holds every queue's messages
-between delivery and ack (milliseconds here: tasks are acked early), so a worker could
-read another identity's in-flight envelope (job text, never image data). Per-queue
-``unacked_key`` transport options in the worker's Celery config would close that.
+(:func:`istasks.keys.gid_pattern`), the keys of its own two queues, its own results
+(keys and channels under ``is:res:<uid>:<gid>:``), its own in-flight hash
+(``is:unacked:<uid>:<gid>``), its own progress channel and the few shared keys kombu's
+Redis transport needs for remote control (found by watching a real worker with MONITOR
+and ACL LOG). The worker's Celery app names those keys after its identity
+(:func:`istasks.app.worker_isolation`). It cannot list keys (no KEYS/SCAN), subscribe to
+anything but the remote-control broadcast, or run admin commands, so a worker of ESAF B
+gets NOPERM on ESAF A's cached images, A's results (JPEGs of A's frames), A's in-flight
+envelopes, and cannot publish a forged result for A.
 
 Needs Redis >= 7.0 (read/write key permissions and selectors) and an admin connection;
 when that is impossible the supervisor runs without ACLs and says so (:attr:`AclManager.status`).
@@ -32,7 +31,7 @@ from urllib.parse import parse_qs, quote, urlsplit, urlunsplit
 import redis
 
 from istasks.errors import WorkerUnavailable
-from istasks.keys import gid_pattern
+from istasks.keys import gid_pattern, progress_channel, result_prefix, unacked_keys
 from queues.naming import Identity
 
 log = logging.getLogger(__name__)
@@ -83,11 +82,15 @@ def worker_rules(identity: Identity, broker_db: int) -> list[str]:
     rules = [*_COMMANDS]
     for queue in (identity.queue, identity.prefetch_queue):
         rules += _queue_keys(queue)
-    # kombu's ack emulation: one shared hash of in-flight messages (see module notes).
-    rules += ["~unacked", "~unacked_index", "~unacked_mutex"]
+    # kombu's ack emulation: the identity's own hash of in-flight messages, its index
+    # and its restore mutex (exact names: no glob).
+    unacked = unacked_keys(identity.uid, identity.gid)
+    rules += [f"~{unacked.unacked_key}", f"~{unacked.unacked_index_key}"]
+    rules.append(f"~{unacked.unacked_mutex_key}")
     rules += [f"~{pattern}" for pattern in gid_pattern(identity.gid)]
-    # Results: SET/GET by task id (a uuid the worker only learns from its own task).
-    rules.append("~celery-task-meta-*")
+    # Results: SET (and PUBLISH, below) under the identity's own prefix only.
+    results = result_prefix(identity.uid, identity.gid)
+    rules.append(f"~{results}*")
     # Remote control (pidbox): its own node queue, the broadcast binding, replies.
     node = node_name(identity)
     rules += [f"~{node}*.celery.pidbox", f"~{node}*.celery.pidbox{KOMBU_SEP}*"]
@@ -99,9 +102,11 @@ def worker_rules(identity: Identity, broker_db: int) -> list[str]:
     # which only the expiring exchanges below ever have.
     rules += [f"~_kombu.binding.{exchange}" for exchange in _EXPIRING_EXCHANGES]
     rules.append("%R~_kombu.binding_permanent.*")
-    # Channels: publish results and events only; subscribing is limited to the one
-    # broadcast pattern by a selector, so no worker can listen to others' results.
-    rules += ["&celery-task-meta-*", f"&/{broker_db}.celeryev/*"]
+    # Channels: publish its own results, its own index progress (the bridge relays it)
+    # and events only; subscribing is limited to the one broadcast pattern by a
+    # selector, so no worker can listen to others' results.
+    rules += [f"&{results}*", f"&{progress_channel(identity.uid, identity.gid)}"]
+    rules.append(f"&/{broker_db}.celeryev/*")
     rules.append(f"(&/{broker_db}.celery.pidbox +psubscribe +punsubscribe +ping)")
     return rules
 

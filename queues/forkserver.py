@@ -44,7 +44,7 @@ PRELOAD: tuple[str, ...] = (
     # the worker and everything it serves ("pkg.*": every module of the package, so
     # readers imported on first use, like Eiger's, are loaded too)
     "istasks.worker", "istasks.tasks", "istasks.service", "istasks.cache",
-    "istasks.app", "istasks.settings", "istasks.replies", "istasks.indexer",
+    "istasks.app", "istasks.settings", "istasks.replies", "istasks.indexer", "istasks.logs",
     "istasks.core.*", "numpy", "h5py", "hdf5plugin", "PIL.Image", "msgpack",
     # celery's worker stack, normally imported lazily while it starts
     "celery.apps.worker", "celery.worker", "celery.worker.worker", "celery.worker.consumer",
@@ -271,19 +271,12 @@ def _report_ready(sock: socket.socket) -> None:
 
 
 def _configure_logging(queue: str) -> None:
-    """One stderr handler tagged with the queue, at the worker's own log level."""
+    """stderr (and syslog when asked) tagged with the queue, at the worker's own level."""
+    from istasks.logs import configure_logging
     from istasks.settings import get_settings, reset_settings
 
     reset_settings()  # settings now come from the worker's own environment
-    root = logging.getLogger()
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-    handler = logging.StreamHandler()
-    handler.setFormatter(
-        logging.Formatter(f"%(asctime)s %(levelname)s [{queue}] %(name)s: %(message)s")
-    )
-    root.addHandler(handler)
-    root.setLevel(get_settings().log_level.upper())
+    configure_logging(get_settings(), "is-worker", tag=queue)
     # Celery logs each task's argument and result at INFO: envelopes and JPEG bytes.
     for name in ("celery.app.trace", "celery.worker.strategy"):
         logging.getLogger(name).setLevel(logging.WARNING)

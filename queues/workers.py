@@ -19,12 +19,13 @@ from queues.acl import WorkerUrls
 from queues.control import Client
 from queues.naming import Identity
 
-#: Settings a worker must not see: the master secret, admin Redis URLs (replaced by its
-#: own ACL'd ones), session access and the supervisor's own knobs.
+#: Settings a worker must not see: the master secret (and any queue key: a worker gets
+#: its own from the supervisor), admin Redis URLs (replaced by its own ACL'd ones),
+#: session access and the supervisor's own knobs.
 _NOT_FOR_WORKERS = frozenset(
     {
         "redis_url", "broker_url", "result_url", "cache_url", "session_redis_url",
-        "session_public_key", "task_secret", "task_secret_file", "flower_basic_auth",
+        "session_public_key", "task_secret", "task_secret_file", "queue_key", "flower_basic_auth",
         "metrics_port", "supervisor_socket", "extra",
     }
 )  # fmt: skip

@@ -236,5 +236,16 @@ def probe_app(redis_url: str) -> Celery:
 
 
 def probe(app: Celery, identity: Identity, task: str, *args: Any, timeout_s: float = 30) -> Any:
-    """Run probe task ``task`` on the identity's worker and return its result."""
-    return app.send_task(task, args=list(args), queue=identity.queue).get(timeout=timeout_s)
+    """Run probe task ``task`` on the identity's worker and return its result (read
+    under the identity's own result prefix, where its worker stores it)."""
+    sent = app.send_task(task, args=list(args), queue=identity.queue)
+    return identity_result(app, identity, sent.id, timeout_s)
+
+
+def identity_result(app: Celery, identity: Identity, task_id: str, timeout_s: float) -> Any:
+    """The result of task ``task_id`` as ``identity``'s worker stored it."""
+    reader = create_app(Settings(redis_url=str(app.conf.result_backend)), identity)
+    try:
+        return reader.AsyncResult(task_id).get(timeout=timeout_s)
+    finally:
+        reader.close()

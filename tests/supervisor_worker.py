@@ -83,7 +83,7 @@ def serve(
 ) -> None:
     """Consume ``queue`` and its prefetch queue until SIGTERM."""
     identity, _ = parse_queue_name(queue)
-    app = create_app(get_settings())
+    app = create_app(get_settings(), identity)  # results and in-flight keys of its own
     register(app, queue, queue_key)
     worker = app.Worker(
         queues=[identity.queue, identity.prefetch_queue],

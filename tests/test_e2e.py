@@ -219,13 +219,14 @@ def test_forged_envelope_refused_by_worker(stack: Stack, pid: str, data_dir: Pat
 
     from istasks.app import create_app
     from queues.envelope import seal
-    from queues.naming import queue_name
+    from queues.naming import parse_queue_name, queue_name
 
     # Make sure the identity's worker runs, then talk to the broker directly.
     assert_success_reply(request(stack.endpoint, _job(pid, fn="", xsize=8), timeout_s=30), 4)
     account = pwd.getpwnam(dev_user())
     queue = queue_name(account.pw_uid, account.pw_gid)
-    app = create_app(dataclasses.replace(stack.settings, redis_url=stack.redis_url))
+    identity, _ = parse_queue_name(queue)  # read results where this worker stores them
+    app = create_app(dataclasses.replace(stack.settings, redis_url=stack.redis_url), identity)
     forged = seal(b"not-the-master-secret", queue, {"job": {"type": "jpeg"}, "rid": "f"})
     for token in (forged, "garbage"):
         result = app.send_task("is.jpeg", args=[token], queue=queue).get(timeout=20)

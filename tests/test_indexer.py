@@ -15,10 +15,12 @@ import redis
 
 from istasks.errors import IndexerError, IsError
 from istasks.indexer import IndexRequest, detector_option, image_arguments, run_index
+from istasks.keys import progress_channel
 from istasks.redisserver import free_port
 from istasks.service import build_service
 from istasks.settings import Settings
 from istasks.testdata.eiger import write_eiger
+from queues.naming import Identity
 
 # Stand-in indexer: reports what it was given on the json fd, talks on the progress fd
 # and on stderr, like rapd.index does.
@@ -57,6 +59,9 @@ time.sleep(600)
 """
 
 
+IDENT = Identity(4001, 5001)
+
+
 def write_script(directory: Path, name: str, body: str) -> str:
     path = directory / name
     path.write_text(body.format(python=sys.executable))
@@ -74,13 +79,15 @@ def images(tmp_path: Path) -> tuple[str, str]:
 
 
 class Channel:
-    """Messages published on one Redis channel, collected by a real subscriber."""
+    """Progress for one target channel as the bridge receives it, by a real subscriber:
+    on the worker identity's own channel, each message wrapped with the target's name."""
 
     def __init__(self, url: str, name: str) -> None:
         self.client = redis.Redis.from_url(url)
         self.pubsub = self.client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
-        self.pubsub.subscribe(name)
+        self.pubsub.subscribe(progress_channel(IDENT.uid, IDENT.gid))
         self.pubsub.get_message(timeout=1.0)
+        self.name = name
         self.messages: list[dict[str, object]] = []
 
     def collect(self, until_done_s: float = 5.0) -> list[dict[str, object]]:
@@ -89,7 +96,9 @@ class Channel:
             message = self.pubsub.get_message(timeout=0.2)
             if message is None:
                 continue
-            self.messages.append(json.loads(message["data"]))
+            wrapped = json.loads(message["data"])
+            assert set(wrapped) == {"channel", "message"} and wrapped["channel"] == self.name
+            self.messages.append(json.loads(wrapped["message"]))
             if self.messages[-1].get("done") is True:
                 break
         return self.messages
@@ -120,7 +129,7 @@ def test_index_reply_progress_and_cleanup(
     settings = Settings(
         redis_url=redis_url, indexer_command=script, index_tmp_dir=str(tmp_dir), task_secret="x"
     )
-    service = build_service(settings, 5001)
+    service = build_service(settings, IDENT)
     job = {
         "type": "index",
         "fn1": images[0],
@@ -160,7 +169,7 @@ def test_index_without_progress_channel_publishes_nothing(
 ) -> None:
     script = write_script(tmp_path, "rapd.index", STAND_IN)
     settings = Settings(redis_url=redis_url, indexer_command=script)
-    service = build_service(settings, 5001)
+    service = build_service(settings, IDENT)
     try:
         frames = service.index({"type": "index", "fn1": images[1], "frame1": 3, "frame2": 9})
     finally:
@@ -176,7 +185,8 @@ def test_progress_failure_is_logged_once_and_not_fatal(
 ) -> None:
     script = write_script(tmp_path, "rapd.index", STAND_IN)
     dead = f"redis://127.0.0.1:{free_port()}/0"
-    service = build_service(Settings(cache_url=dead, indexer_command=script), 5001)
+    settings = Settings(cache_url=dead, result_url=dead, indexer_command=script)
+    service = build_service(settings, IDENT)
     try:
         frames = service.index({"fn1": images[1], "progressPublisher": "ch", "tag": "t"})
     finally:
@@ -186,7 +196,7 @@ def test_progress_failure_is_logged_once_and_not_fatal(
 
 
 def test_missing_fn1_is_a_request_error(redis_url: str) -> None:
-    service = build_service(Settings(redis_url=redis_url), 5001)
+    service = build_service(Settings(redis_url=redis_url), IDENT)
     try:
         with pytest.raises(IsError) as info:
             service.index({"type": "index", "tag": "x"})
@@ -256,7 +266,7 @@ def test_concurrent_index_jobs_leave_a_thread_for_views(
     settings = Settings(
         redis_url=redis_url, indexer_command=script, worker_concurrency=2, index_timeout_s=2.0
     )
-    service = build_service(settings, 5001)
+    service = build_service(settings, IDENT)
     errors: list[str] = []
 
     def first() -> None:

@@ -14,8 +14,10 @@ from istasks.errors import IsError
 from istasks.service import Service, build_service
 from istasks.settings import Settings
 from istasks.testdata.eiger import write_eiger
+from queues.naming import Identity
 
 GID = 5001
+IDENT = Identity(4001, GID)
 
 
 @pytest.fixture
@@ -25,7 +27,7 @@ def master(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def service(redis_url: str) -> Iterator[Service]:
-    svc = build_service(Settings(redis_url=redis_url), GID)
+    svc = build_service(Settings(redis_url=redis_url), IDENT)
     yield svc
     svc.close()
 
@@ -90,7 +92,7 @@ def test_jpeg_blank_without_fn_is_the_original_reply(service: Service) -> None:
 
 
 def test_jpeg_blank_for_frame_out_of_range_and_oversize(redis_url: str, master: Path) -> None:
-    service = build_service(Settings(redis_url=redis_url, max_xsize=500), GID)
+    service = build_service(Settings(redis_url=redis_url, max_xsize=500), IDENT)
     try:
         echo, meta, _ = service.jpeg({"fn": str(master), "frame": 99, "xsize": 64})
         assert meta == b""

@@ -3,15 +3,32 @@
 from __future__ import annotations
 
 import functools
+import json
+import shutil
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 import redis
 
-from istasks.keys import reduced_key
+from bridge.dispatch import CeleryDispatcher
+from istasks.app import create_app
+from istasks.keys import progress_channel, reduced_key, result_prefix, unacked_keys
+from istasks.settings import Settings
 from queues.acl import USER_PREFIX, AclManager, with_credentials
 from queues.naming import Identity
-from tests.supervisor_harness import probe, probe_app, running_supervisor
+from tests.supervisor_harness import SECRET, probe, probe_app, running_supervisor, shared_tempdir
+
+#: Stand-in rapd.index (bash, as dash cannot redirect fds > 9; as root the worker runs as
+#: an account that may not be able to run the venv python): progress lines, a result.
+STAND_IN_INDEXER = """#!/bin/bash
+while [ $# -gt 0 ]; do
+  case "$1" in --json-fd) J=$2; shift;; --progress-fd) P=$2; shift;; esac
+  shift
+done
+printf 'indexing\\nstrategy\\n' >&$P
+echo '{"status":"SUCCESS"}' >&$J
+"""
 
 A = Identity(5001, 6001)
 B = Identity(5002, 6002)
@@ -80,10 +97,44 @@ def test_worker_reaches_exactly_its_own_queues(acl: AclManager) -> None:
         assert _denied(functools.partial(worker.lpush, other, b"x")), other
     assert worker.sadd("_kombu.binding.1000:2000", "m") == 1
     assert _denied(lambda: worker.sadd("_kombu.binding.1000:20001", "m"))
-    assert worker.publish("celery-task-meta-abc", b"done") == 0
-    assert worker.set("celery-task-meta-abc", b"done", ex=60) is True
+    results = result_prefix(1000, 2000)
+    assert worker.publish(f"{results}celery-task-meta-abc", b"done") == 0
+    assert worker.set(f"{results}celery-task-meta-abc", b"done", ex=60) is True
     assert worker.publish("/0.celeryev/task.succeeded", b"{}") == 0
     worker.close()
+
+
+def test_worker_reaches_only_its_own_results_in_flight_hash_and_progress(
+    acl: AclManager, redis_url: str
+) -> None:
+    """B cannot read A's results (JPEGs of A's frames), forge them, read A's in-flight
+    envelopes or publish on A's progress channel; the same operations on its own work."""
+    admin = redis.Redis.from_url(redis_url)
+    worker_b = redis.Redis.from_url(acl.grant(B).results)
+    a_result = result_prefix(A.uid, A.gid) + "celery-task-meta-t1"
+    a_unacked = unacked_keys(A.uid, A.gid)
+    admin.set(a_result, b"A's jpeg")
+    admin.hset(a_unacked.unacked_key, "tag", b"A's envelope")
+    assert _denied(lambda: worker_b.get(a_result))
+    assert _denied(lambda: worker_b.set(a_result, b"forged"))
+    assert _denied(lambda: worker_b.publish(a_result, b"forged"))
+    assert _denied(lambda: worker_b.get("celery-task-meta-t1"))  # the old shared names
+    assert _denied(lambda: worker_b.publish("celery-task-meta-t1", b"forged"))
+    assert _denied(lambda: worker_b.hgetall(a_unacked.unacked_key))
+    assert _denied(lambda: worker_b.zrange(a_unacked.unacked_index_key, 0, -1))
+    assert _denied(lambda: worker_b.hgetall("unacked"))
+    assert _denied(lambda: worker_b.publish(progress_channel(A.uid, A.gid), b"{}"))
+    assert _denied(lambda: worker_b.publish("any-client-channel", b"{}"))
+    own = result_prefix(B.uid, B.gid) + "celery-task-meta-t2"
+    assert worker_b.set(own, b"mine", ex=60) is True and worker_b.get(own) == b"mine"
+    assert worker_b.publish(own, b"mine") == 0
+    b_unacked = unacked_keys(B.uid, B.gid)
+    assert worker_b.hset(b_unacked.unacked_key, "tag", b"x") == 1
+    assert worker_b.zadd(b_unacked.unacked_index_key, {"tag": 1.0}) == 1
+    assert worker_b.set(b_unacked.unacked_mutex_key, b"me", nx=True, ex=5) is True
+    assert worker_b.publish(progress_channel(B.uid, B.gid), b"{}") == 0
+    worker_b.close()
+    admin.close()
 
 
 def test_revoked_user_can_no_longer_connect(acl: AclManager) -> None:
@@ -156,6 +207,52 @@ def test_real_worker_gets_noperm_on_another_esafs_cache(redis_url: str) -> None:
         own = reduced_key(B.gid, "f", "v")
         assert probe(app, B, "probe.redis", "SET", own, "mine") == {"ok": "True"}
         assert probe(app, B, "probe.redis", "GET", own) == {"ok": "b'mine'"}
-        # the only refusal was that GET: the worker's own Celery traffic never was
+        # A's results and in-flight messages are as closed to it as A's cache
+        a_result = result_prefix(A.uid, A.gid) + "celery-task-meta-x"
+        a_unacked = unacked_keys(A.uid, A.gid).unacked_key
+        for command in (("GET", a_result), ("HGETALL", a_unacked), ("PUBLISH", a_result, "f")):
+            assert probe(app, B, "probe.redis", *command)["error"].startswith("NoPermission")
+        # the only refusals were those: the worker's own Celery traffic never was
         refused = [entry["object"] for entry in admin.acl_log()]
-        assert refused == [a_key], refused
+        assert refused[::-1] == [a_key, a_result, a_unacked, a_result], refused
+
+
+def test_real_worker_round_trips_need_no_other_rights(redis_url: str) -> None:
+    """istasks.worker with its ACL user serves jpeg and index requests from the bridge's
+    dispatcher (results under its own prefix, progress relayed from its own channel)
+    without a single refusal in ACL LOG."""
+    workdir = shared_tempdir()
+    indexer = Path(workdir) / "rapd.index"
+    indexer.write_text(STAND_IN_INDEXER)
+    indexer.chmod(0o755)
+    admin = redis.Redis.from_url(redis_url)
+    admin.acl_log_reset()
+    listener = admin.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+    listener.subscribe("progress-b")
+    listener.get_message(timeout=1.0)  # the confirmation (not returned)
+    env = {"IS_INDEXER_COMMAND": str(indexer)}
+    settings = Settings(redis_url=redis_url, task_secret=SECRET)
+    try:
+        with running_supervisor(redis_url, entry="istasks.worker:serve", env=env) as sup:
+            dispatcher = CeleryDispatcher(create_app(settings), settings, sup.client)
+            try:
+                jpeg = dispatcher.submit(B, "jpeg", {"type": "jpeg", "xsize": 16}, "r1")
+                assert len(jpeg.result(60)) == 4  # the blank image: a full reply
+                job = {"type": "index", "fn1": "/none/x.h5", "progressPublisher": "progress-b"}
+                index = dispatcher.submit(B, "index", job, "r2").result(60)
+                assert index[0] == b"" and json.loads(index[2]) == {"status": "SUCCESS"}, index
+            finally:
+                dispatcher.close()
+            assert sup.client.status()["acl"] == "on"
+            assert admin.acl_log() == []
+        assert admin.keys("*celery-task-meta-*") == []  # read and deleted by the bridge
+        relayed = [json.loads(m["data"]) for m in iter(lambda: listener.get_message(1.0), None)]
+        assert relayed == [
+            {"progress": "indexing", "done": False, "tag": "Tag_Not_Found"},
+            {"progress": "strategy", "done": False, "tag": "Tag_Not_Found"},
+            {"done": True, "tag": "Tag_Not_Found"},
+        ], sup.log()
+    finally:
+        listener.close()
+        admin.close()
+        shutil.rmtree(workdir, ignore_errors=True)

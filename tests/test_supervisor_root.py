@@ -22,6 +22,7 @@ from tests.supervisor_harness import (
     Account,
     SupervisorProcess,
     create_accounts,
+    identity_result,
     probe,
     probe_app,
     proc_status,
@@ -134,7 +135,8 @@ def test_real_worker_serves_only_its_esafs_images(
         for identity in (in_a, in_b):
             sup.client.ensure(identity)
             token = seal(SECRET.encode(), identity.queue, {"job": job, "rid": "r"})
-            result = app.send_task("is.jpeg", args=[token], queue=identity.queue).get(timeout=60)
+            sent = app.send_task("is.jpeg", args=[token], queue=identity.queue)
+            result = identity_result(app, identity, sent.id, 60)
             assert "frames" in result, result
             replies[identity] = result["frames"]
     job_a, _meta_a, jpeg_a = replies[in_a]
