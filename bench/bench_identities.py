@@ -21,8 +21,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from celery import Celery
-
 from istasks.app import create_app
 from istasks.redisserver import start_redis
 from istasks.settings import Settings
@@ -63,12 +61,16 @@ def _start_supervisor(redis_url: str, workdir: str) -> tuple[subprocess.Popen[by
     return process, socket_path
 
 
-def _first_replies(app: Celery, client: SupervisorClient, image: Path) -> tuple[list[float], ...]:
+def _first_replies(
+    settings: Settings, client: SupervisorClient, image: Path
+) -> tuple[list[float], ...]:
     """(ensure ms, ensure + first jpeg reply ms) for N fresh identities."""
     ensure_ms, first_ms = [], []
     job = {"type": "jpeg", "fn": str(image), "frame": 1, "xsize": 256, "tag": "bench"}
     for n in range(N_IDENTITIES):
         identity = Identity(71000 + n, 81000 + n)
+        # Results live under the identity's own key prefix (istasks.app.worker_isolation).
+        app = create_app(settings, identity)
         started = time.perf_counter()
         client.ensure(identity)
         ensured = time.perf_counter()
@@ -81,7 +83,7 @@ def _first_replies(app: Celery, client: SupervisorClient, image: Path) -> tuple[
     return ensure_ms, first_ms
 
 
-def _plain_worker_ms(app: Celery, redis_url: str, image: Path, runs: int = 3) -> list[float]:
+def _plain_worker_ms(settings: Settings, redis_url: str, image: Path, runs: int = 3) -> list[float]:
     """The reference: exec ``python -m istasks.worker`` for a queue, time its first reply."""
     times = []
     job = {"type": "jpeg", "fn": str(image), "frame": 1, "xsize": 256, "tag": "bench"}
@@ -89,6 +91,7 @@ def _plain_worker_ms(app: Celery, redis_url: str, image: Path, runs: int = 3) ->
            "IS_TASK_SECRET": SECRET.decode(), "IS_LOG_LEVEL": "WARNING"}  # fmt: skip
     for n in range(runs):
         identity = Identity(72000 + n, 82000 + n)
+        app = create_app(settings, identity)
         started = time.perf_counter()
         worker = subprocess.Popen(
             [sys.executable, "-m", "istasks.worker", "--queue", identity.queue],
@@ -138,9 +141,9 @@ def run() -> list[dict[str, Any]]:
     process, socket_path = _start_supervisor(redis_server.url, workdir)
     client = SupervisorClient(Settings(), socket_path=socket_path)
     try:
-        app = create_app(Settings(redis_url=redis_server.url))
-        ensure_ms, first_ms = _first_replies(app, client, image)
-        plain_ms = _plain_worker_ms(app, redis_server.url, image)
+        settings = Settings(redis_url=redis_server.url)
+        ensure_ms, first_ms = _first_replies(settings, client, image)
+        plain_ms = _plain_worker_ms(settings, redis_server.url, image)
         first = Identity(71000, 81000)
         cached_us = _ensure_cost_us(socket_path, first, 0.5)
         uncached_us = _ensure_cost_us(socket_path, first, 0.0)
