@@ -1,9 +1,10 @@
 """``is-bridge``: the process that serves is.js requests (console script).
 
 Reads the settings, checks the session key and store, builds the Celery dispatcher
-(with the supervisor's worker pool when one is running) and serves until SIGTERM or
-SIGINT. Heavy or optional parts are imported inside functions so that importing this
-module stays cheap and never pulls in numpy or h5py.
+(with the supervisor's worker pool when one is running), serves ``/metrics`` when
+``IS_METRICS_PORT`` is set, and serves requests until SIGTERM or SIGINT. Heavy or
+optional parts are imported inside functions so that importing this module stays cheap
+and never pulls in numpy or h5py.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import logging.handlers
 import signal
 import sys
 from collections.abc import Callable
@@ -21,24 +21,15 @@ from typing import TYPE_CHECKING
 
 from bridge.identity import IdentityResolver
 from bridge.sessions import SessionConfigError, SessionVerifier
+from istasks.logs import configure_logging
 from istasks.settings import Settings, get_settings
 
 if TYPE_CHECKING:
     from bridge.dispatch import Dispatcher
+    from bridge.metrics import BridgeMetrics
     from queues.pool import SupervisorClient
 
 log = logging.getLogger(__name__)
-_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-
-
-def configure_logging(settings: Settings) -> None:
-    """Root logging from settings: stderr, plus syslog (ident is-bridge) when asked."""
-    handlers: list[logging.Handler] = [logging.StreamHandler()]
-    if settings.log_syslog:
-        syslog = logging.handlers.SysLogHandler(address="/dev/log")
-        syslog.ident = "is-bridge: "
-        handlers.append(syslog)
-    logging.basicConfig(level=settings.log_level, format=_LOG_FORMAT, handlers=handlers)
 
 
 def worker_pool(settings: Settings) -> SupervisorClient | None:
@@ -61,6 +52,28 @@ def build_dispatcher(settings: Settings) -> Dispatcher:
     return CeleryDispatcher(create_app(settings), settings, worker_pool(settings))
 
 
+def start_metrics(settings: Settings, port: int) -> tuple[BridgeMetrics, list[Callable[[], None]]]:
+    """The bridge's metrics, served on ``settings.metrics_address:port``, with the live
+    worker count from the supervisor when one runs; and what closes them."""
+    from bridge.metrics import BridgeMetrics, MetricsEndpoint, SupervisorWorkerCount
+
+    metrics = BridgeMetrics()
+    closers: list[Callable[[], None]] = []
+    if Path(settings.supervisor_socket).exists():
+        from queues.pool import SupervisorClient
+
+        count = SupervisorWorkerCount(SupervisorClient(settings))  # its own connection
+        metrics.track_workers(count)
+        closers.append(count.close)
+    try:
+        endpoint = MetricsEndpoint(metrics, settings.metrics_address, port)
+    except BaseException:
+        _release(*closers)
+        raise
+    closers.append(endpoint.close)
+    return metrics, closers
+
+
 def _parse_args(argv: list[str] | None, settings: Settings) -> Settings:
     parser = argparse.ArgumentParser(prog="is-bridge", description="is.js request bridge")
     where = parser.add_mutually_exclusive_group()
@@ -79,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     from bridge.server import BridgeServer
 
     settings = _parse_args(argv, get_settings())
-    configure_logging(settings)
+    configure_logging(settings, "is-bridge")
     try:
         sessions = SessionVerifier.from_settings(settings)
         identities = IdentityResolver.from_settings(settings)
@@ -87,11 +100,16 @@ def main(argv: list[str] | None = None) -> int:
     except (SessionConfigError, ValueError) as exc:
         print(f"is-bridge: {exc}", file=sys.stderr)
         return 2
+    closers: list[Callable[[], None]] = [dispatcher.close, sessions.close]
+    metrics = None
     try:
-        server = BridgeServer(settings, dispatcher, sessions, identities)
+        if settings.metrics_port is not None:
+            metrics, metric_closers = start_metrics(settings, settings.metrics_port)
+            closers[:0] = metric_closers
+        server = BridgeServer(settings, dispatcher, sessions, identities, metrics=metrics)
     except Exception as exc:  # bad endpoint, address in use: say so and stop
-        print(f"is-bridge: cannot open the front socket: {exc}", file=sys.stderr)
-        _release(dispatcher.close, sessions.close)
+        print(f"is-bridge: cannot open a listening socket: {exc}", file=sys.stderr)
+        _release(*closers)
         return 2
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -102,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         server.serve_forever()
     finally:
-        _release(dispatcher.close, sessions.close)
+        _release(*closers)
     return 0
 
 

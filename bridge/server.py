@@ -5,7 +5,8 @@ answers malformed ones at once; session checks, identity lookups and dispatch ru
 small thread pool (they wait on Redis and NSS), and finished replies come back to the
 loop through a queue plus a wake-up pipe polled next to the socket. A slow request never
 delays another, and a deadline per request guarantees an answer even if a dispatcher
-never resolves its future.
+never resolves its future. Every answer is logged as one ``key=value`` line (and counted
+in the metrics, when given) with its outcome (:mod:`bridge.outcome`).
 """
 
 from __future__ import annotations
@@ -25,15 +26,18 @@ from typing import TYPE_CHECKING, Any
 import zmq
 
 from bridge.identity import IdentityResolver
+from bridge.outcome import Outcome, Reply, exception_outcome, frames_outcome
 from bridge.sessions import SessionVerifier
 from bridge.wire import MalformedEnvelope, parse_job, reply_message, split_envelope
 from istasks.errors import IsError, RequestError, UnknownRequestType, WorkerUnavailable
 from istasks.jobs import Job, dumps, int_field, str_field
-from istasks.replies import exception_frames, is_error_reply
+from istasks.logs import log_value, redact_token, token_prefix
+from istasks.replies import exception_frames
 from istasks.settings import Settings
 
 if TYPE_CHECKING:  # the protocol only; importing it at run time would load Celery
     from bridge.dispatch import Dispatcher
+    from bridge.metrics import BridgeMetrics
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +103,7 @@ class _Completion:
     rid: str
     frames: list[bytes]
     identity: str = "-"
+    outcome: Outcome | None = None  # None: read it from the frames
 
 
 @dataclass
@@ -128,6 +133,7 @@ class BridgeServer:
         admit_threads: int = ADMIT_THREADS,
         deadline_margin_s: float = DEADLINE_MARGIN_S,
         shutdown_grace_s: float = SHUTDOWN_GRACE_S,
+        metrics: BridgeMetrics | None = None,
     ) -> None:
         self._settings = settings
         self._dispatcher = dispatcher
@@ -154,6 +160,9 @@ class BridgeServer:
         self._rid_prefix = secrets.token_hex(2)
         self._rid_count = 0
         self._thread: threading.Thread | None = None
+        self._metrics = metrics
+        if metrics is not None:
+            metrics.track_in_flight(lambda: len(self._in_flight))
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -231,7 +240,8 @@ class BridgeServer:
         try:
             route, payload, extra = split_envelope(frames)
         except MalformedEnvelope as exc:
-            self._answer(_InFlight(rid, exc.route, None, started), exception_frames(exc, rid))
+            entry = _InFlight(rid, exc.route, None, started)
+            self._answer(entry, exception_frames(exc, rid), exception_outcome(exc))
             return
         if extra:
             log.debug("rid=%s ignoring %d frame(s) after the payload", rid, extra)
@@ -241,7 +251,7 @@ class BridgeServer:
             pid = request_pid(job)
             self._check_capacity(rid)
         except IsError as exc:
-            self._answer(entry, exception_frames(exc, rid))
+            self._answer(entry, exception_frames(exc, rid), exception_outcome(exc))
             return
         self._in_flight[rid] = entry
         heapq.heappush(self._deadlines, (started + self._deadline_s(job), rid))
@@ -271,7 +281,7 @@ class BridgeServer:
                 log.info("rid=%s late reply dropped (already answered)", done.rid)
                 continue
             entry.identity = done.identity
-            self._answer(entry, done.frames)
+            self._answer(entry, done.frames, done.outcome)
 
     def _expire(self, now: float) -> None:
         """Answer requests whose deadline passed; their late replies are dropped."""
@@ -281,10 +291,19 @@ class BridgeServer:
             if entry is not None:
                 waited_s = now - entry.started
                 exc = WorkerUnavailable(f"no reply within {waited_s:.0f} s (request {rid})")
-                self._answer(entry, exception_frames(exc, rid))
+                self._answer(entry, exception_frames(exc, rid), "timeout")
 
-    def _answer(self, entry: _InFlight, frames: list[bytes]) -> None:
-        """Send one reply along its route and log the request's one line."""
+    def _answer(
+        self, entry: _InFlight, frames: list[bytes], outcome: Outcome | None = None
+    ) -> None:
+        """Count the request, send its reply along its route, log its line. Counted
+        first, so that a client holding a reply finds it in the metrics."""
+        kind = (str_field(entry.job or {}, "type") or "-").lower()
+        outcome = outcome or frames_outcome(kind, frames)
+        duration_s = time.monotonic() - entry.started
+        if self._metrics is not None:
+            cache = frames.cache if isinstance(frames, Reply) else "none"
+            self._metrics.observe(kind, outcome, duration_s, cache)
         message = reply_message(entry.route, frames)
         try:
             self._socket.send_multipart(message, zmq.NOBLOCK)
@@ -293,7 +312,7 @@ class BridgeServer:
             sent = "dropped:queue-full"
         except zmq.ZMQError as exc:  # EHOSTUNREACH: the client or proxy hop is gone
             sent = f"dropped:{exc.strerror}"
-        _log_request(entry, frames, sent)
+        _log_request(entry, frames, outcome, duration_s, sent)
 
     # -- pool side (runs in admit threads) --------------------------------------------
 
@@ -310,7 +329,8 @@ class BridgeServer:
         except Exception as exc:
             if not isinstance(exc, IsError):
                 log.exception("rid=%s admission failed", rid)
-            self._post(_Completion(rid, exception_frames(exc, rid), identity_text))
+            frames = exception_frames(exc, rid)
+            self._post(_Completion(rid, frames, identity_text, exception_outcome(exc)))
             return
         future.add_done_callback(lambda f: self._dispatched(rid, identity_text, f))
 
@@ -356,7 +376,7 @@ class BridgeServer:
         for rid in list(self._in_flight):
             entry = self._in_flight.pop(rid)
             exc = WorkerUnavailable(f"bridge shutting down (request {rid})")
-            self._answer(entry, exception_frames(exc, rid))
+            self._answer(entry, exception_frames(exc, rid), "unavailable")
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._socket.close(linger=LINGER_MS)
         with self._wake_lock:
@@ -396,30 +416,35 @@ def _valid_reply(frames: object) -> bool:
     return isinstance(frames, list) and bool(frames) and all(isinstance(f, bytes) for f in frames)
 
 
-def _log_request(entry: _InFlight, frames: list[bytes], sent: str) -> None:
-    """One scannable line per request."""
+def _log_request(
+    entry: _InFlight, frames: list[bytes], outcome: Outcome, duration_s: float, sent: str
+) -> None:
+    """One scannable ``key=value`` line per request: who (pid prefix, esaf, identity),
+    what (type, file, frame, size), how (cache, outcome, worker time) and how long;
+    ``error`` quotes an error reply's text (with the pid cut: it may echo the job)."""
+    if not log.isEnabledFor(logging.INFO):
+        return
     job = entry.job or {}
-    outcome = "ok"
-    if is_error_reply(frames):
-        outcome = "error:" + repr(frames[0][:120].decode("utf-8", "replace"))
+    index = (str_field(job, "type") or "").lower() == "index"
+    report = frames if isinstance(frames, Reply) else Reply(())
+    pid = str_field(job, "pid")
+    error = frames[0].decode("utf-8", "replace") if frames and frames[0] else None
     log.info(
-        "rid=%s pid=%s esaf=%d identity=%s type=%s fn=%s frame=%d outcome=%s bytes=%d ms=%.1f %s",
+        "rid=%s pid=%s esaf=%d identity=%s type=%s fn=%s frame=%d xsize=%d cache=%s "
+        "outcome=%s bytes=%d ms=%.1f worker_ms=%s sent=%s%s",
         entry.rid,
-        _token_prefix(str_field(job, "pid")),
+        log_value(token_prefix(pid)),
         int_field(job, "esaf"),
         entry.identity,
-        (str_field(job, "type") or "-")[:24],
-        (str_field(job, "fn") or str_field(job, "fn1") or "-")[:200],
-        int_field(job, "frame"),
+        log_value(str_field(job, "type"), 24),
+        log_value(str_field(job, "fn1" if index else "fn")),
+        int_field(job, "frame1" if index else "frame"),
+        int_field(job, "xsize"),
+        report.cache,
         outcome,
         sum(len(f) for f in frames),
-        (time.monotonic() - entry.started) * 1000.0,
-        sent,
+        duration_s * 1000.0,
+        "-" if report.worker_ms is None else f"{report.worker_ms:.1f}",
+        log_value(sent),
+        f" error={log_value(redact_token(error, pid))}" if error else "",
     )
-
-
-def _token_prefix(pid: str | None) -> str:
-    """Session tokens are bearer credentials: log only enough to correlate."""
-    if pid is None:
-        return "-"
-    return pid[:6] + ("..." if len(pid) > 6 else "")

@@ -10,7 +10,8 @@ Identical concurrent requests are computed once: in-process by a single-flight t
 across the workers of one gid by a short Redis lock whose losers poll for the value.
 Redis trouble never fails a request: the cache logs, stops asking Redis for a few
 seconds, and computes. This module knows nothing of numpy: values only need
-``to_bytes()`` and ``nbytes`` plus a decoder.
+``to_bytes()`` and ``nbytes`` plus a decoder. How each lookup was served (LRU, Redis or
+computed) is reported to whoever opened a :func:`report_outcome` block around it.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import contextlib
+import contextvars
 import logging
 import os
 import threading
@@ -25,7 +27,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Generic, Protocol, TypeVar
+from typing import Generic, Literal, Protocol, TypeVar
 
 import redis
 
@@ -44,6 +46,10 @@ LOCK_WAIT_S = 10.0
 LOCK_POLL_S = 0.02
 #: After a Redis error the cache works without Redis for this long.
 REDIS_BACKOFF_S = 5.0
+
+#: How a lookup was served: this process's LRU, Redis, or computed here; "none" when a
+#: request never reached the cache (no file name, failed before, index jobs).
+CacheOutcome = Literal["lru", "redis", "computed", "none"]
 
 
 class Cacheable(Protocol):
@@ -75,6 +81,39 @@ class FileVersion:
     def file_id(self) -> str:
         """Digest naming this version inside cache keys."""
         return file_identity(self.path, self.mtime_ns, self.size)
+
+
+@dataclass
+class OutcomeReport:
+    """Filled by :meth:`ReducedCache.get` inside a :func:`report_outcome` block."""
+
+    outcome: CacheOutcome = "none"
+
+
+_report: contextvars.ContextVar[OutcomeReport | None] = contextvars.ContextVar(
+    "is_cache_report", default=None
+)
+
+
+@contextlib.contextmanager
+def report_outcome() -> Iterator[OutcomeReport]:
+    """Collect how the lookups inside the block were served (the last one wins).
+
+    Context-local, so each task thread of a worker sees only its own request's lookups;
+    the task adapter puts it in its log line and result without the service passing it.
+    """
+    report = OutcomeReport()
+    token = _report.set(report)
+    try:
+        yield report
+    finally:
+        _report.reset(token)
+
+
+def _note(outcome: CacheOutcome) -> None:
+    report = _report.get()
+    if report is not None:
+        report.outcome = outcome
 
 
 def stat_version(path: str) -> FileVersion:
@@ -174,7 +213,8 @@ class ReducedCache(Generic[V]):
         self._decode = decode
         self._ttl_s = ttl_s
         self.lru: ByteLRU[V] = ByteLRU(lru_max_bytes)
-        self._flights: SingleFlight[V] = SingleFlight()
+        # Callers sharing a flight also share how it was served (computed, or Redis).
+        self._flights: SingleFlight[tuple[V, CacheOutcome]] = SingleFlight()
         self._redis = _redis_client(redis_url) if redis_url else None
         self._redis_down_until = 0.0
         self._token = uuid.uuid4().hex
@@ -183,15 +223,19 @@ class ReducedCache(Generic[V]):
         """The reduced image of ``path`` for ``view_token``; ``compute`` runs on a miss.
 
         ``compute``'s DataUnavailable (and any other error) propagates and nothing is
-        cached, so the next request tries again.
+        cached, so the next request tries again. How the value was found goes to the
+        enclosing :func:`report_outcome` block, if any.
         """
         version = stat_version(path)
         key = reduced_key(self.gid, version.file_id, view_token)
         value = self.lru.get(key)
         if value is not None:
             self._redis_call(lambda r: _touch(r, key, self._ttl_s, stats_key(self.gid, "lru_hits")))
+            _note("lru")
             return value
-        return self._flights.do(key, lambda: self._load(key, version, compute))
+        value, outcome = self._flights.do(key, lambda: self._load(key, version, compute))
+        _note(outcome)
+        return value
 
     def stats(self) -> dict[str, int]:
         """The gid's counters in Redis (``computed``, ``hits``, ``lru_hits``)."""
@@ -207,23 +251,25 @@ class ReducedCache(Generic[V]):
 
     # -- miss path --------------------------------------------------------------------
 
-    def _load(self, key: str, version: FileVersion, compute: Callable[[FileVersion], V]) -> V:
+    def _load(
+        self, key: str, version: FileVersion, compute: Callable[[FileVersion], V]
+    ) -> tuple[V, CacheOutcome]:
         value = self._from_redis(key)
         if value is not None:
-            return value
+            return value, "redis"
         lock = lock_key(self.gid, key)
         owner = self._redis_call(lambda r: r.set(lock, self._token, nx=True, px=_ms(LOCK_TTL_S)))
         if owner is None and self._redis_usable():
             value = self._wait_for_other(key, lock)
             if value is not None:
-                return value
+                return value, "redis"
         try:
             value = compute(version)
             self._store(key, value)
         finally:
             if owner:
                 self._release(lock)
-        return value
+        return value, "computed"
 
     def _from_redis(self, key: str) -> V | None:
         """Value from Redis (refreshing its TTL and counting the hit), or None."""

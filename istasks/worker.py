@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from celery import signals
 
 from istasks.app import create_app, master_secret
+from istasks.logs import configure_logging
 from istasks.settings import Settings, get_settings
 from queues.envelope import queue_key as derive_queue_key
 from queues.naming import parse_queue_name
@@ -104,10 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--hostname", default=None, help="Celery node name")
     args = parser.parse_args(argv)
     settings = get_settings()
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format=f"%(asctime)s %(levelname)s [{args.queue}] %(name)s: %(message)s",
-    )
+    configure_logging(settings, "is-worker", tag=args.queue)
     try:
         key = worker_key(args.queue, settings)
         serve(args.queue, key, concurrency=args.concurrency, hostname=args.hostname)

@@ -27,12 +27,14 @@ from typing import Any
 
 from istasks.app import master_secret
 from istasks.errors import IsError
+from istasks.logs import configure_logging
 from istasks.settings import Settings, get_settings
 from queues import control
 from queues.acl import AclManager, supervisor_tag
 from queues.envelope import queue_key
 from queues.forkserver import PRELOAD, ForkServer, WorkerSpec, set_child_subreaper
 from queues.naming import Identity
+from queues.orphans import adopted_orphans, kill_orphan
 from queues.pool import decode_message
 from queues.workers import (
     Worker,
@@ -52,6 +54,11 @@ GRACE_S = 10.0
 BUSY_S = 5.0
 #: How often running workers' Redis users are checked (a restarted Redis loses them).
 ACL_CHECK_S = 5.0
+#: After any child exits, how long adopted orphans are looked for (queues.orphans): a
+#: killed worker's indexer is re-parented here at once, its own children when it dies.
+ORPHAN_SWEEP_S = 30.0
+#: Least time between two looks at /proc while sweeping.
+ORPHAN_CHECK_S = 0.5
 _MAX_TICK_S = 1.0
 _SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
@@ -95,6 +102,8 @@ class Supervisor:
         self._wake_r, self._wake_w = socket.socketpair()
         self._stop_requested = False
         self._next_acl_check = 0.0
+        self._orphan_sweep_until = 0.0
+        self._next_orphan_check = 0.0
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -169,6 +178,7 @@ class Supervisor:
         hard_deadline = time.monotonic() + self.grace_s + 5.0
         while self._by_pid and time.monotonic() < hard_deadline:
             self._run_once()
+        self._kill_orphans()  # what the last workers left running dies with us
         self._stop_zygote()
         self._acl.revoke_all()
         self._acl.close()
@@ -218,6 +228,7 @@ class Supervisor:
             self._on_exit(pid, status)
 
     def _on_exit(self, pid: int, status: int) -> None:
+        self._orphan_sweep_until = time.monotonic() + ORPHAN_SWEEP_S
         if self._zygote is not None and pid == self._zygote.pid:
             how = describe_status(status)
             log.warning("zygote pid=%d died (%s); restarted on next start", pid, how)
@@ -478,6 +489,9 @@ class Supervisor:
                 self._stop(worker, "not consuming its queue in time")
             elif worker.state == "running" and now - worker.last_used > self.settings.worker_idle_s:
                 self._stop(worker, "idle")
+        if self._next_orphan_check <= now < self._orphan_sweep_until:
+            self._next_orphan_check = now + ORPHAN_CHECK_S
+            self._kill_orphans()
         for worker in list(self._by_pid.values()):
             if worker.state == "stopping" and not worker.killed and now > worker.deadline:
                 worker.killed = True
@@ -485,6 +499,17 @@ class Supervisor:
                             *worker.log_fields(), worker.reason)  # fmt: skip
                 assert worker.pid is not None
                 signal_worker(worker.pid, signal.SIGKILL)
+
+    def _kill_orphans(self) -> None:
+        """Kill what exited workers left running (an indexer in a session of its own),
+        which nothing else would ever stop; they are then reaped as unknown exits."""
+        if any(w.pid is None for w in self._live.values()):
+            return  # a worker forked but not yet identified would look like an orphan
+        known = set(self._by_pid)
+        if self._zygote is not None:
+            known.add(self._zygote.pid)
+        for pid in adopted_orphans(os.getpid(), known):
+            kill_orphan(pid)
 
 
 def _note_signal(signum: int, frame: object) -> None:
@@ -503,10 +528,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--busy-s", type=float, default=BUSY_S, help="asked about this recently: never evicted"
     )
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(settings, "is-supervisor")
     try:
         supervisor = Supervisor(
             settings,

@@ -22,6 +22,8 @@ import zmq
 from bridge import client
 from bridge.devsession import isauth_for, sign_isauth, write_session
 from bridge.identity import IdentityResolver, IdRange
+from bridge.metrics import BridgeMetrics
+from bridge.outcome import Reply
 from bridge.server import BridgeServer
 from bridge.sessions import SessionVerifier, load_public_key, session_redis
 from istasks.jobs import dumps
@@ -39,7 +41,9 @@ class ScriptedDispatcher:
 
     ``test_script``: "echo" (default: reply ``"", job, identity queue, kind``), "error"
     (one error frame), "never" (the future never resolves), "raise" (submit raises),
-    "garbage" (resolves with a non-reply). ``test_delay_s`` delays the answer.
+    "garbage" (resolves with a non-reply). ``test_delay_s`` delays the answer;
+    ``test_cache`` makes it a :class:`~bridge.outcome.Reply` with that cache outcome and
+    a worker time of 1.5 ms, as the Celery dispatcher reports them.
     """
 
     def __init__(self) -> None:
@@ -63,6 +67,8 @@ class ScriptedDispatcher:
             "error": error_frames("scripted error"),
             "garbage": ["not bytes"],
         }[script]
+        if "test_cache" in job:
+            frames = Reply(frames, cache=job["test_cache"], worker_ms=1.5)
         timer = threading.Timer(float(job.get("test_delay_s", 0.0)), future.set_result, [frames])
         timer.daemon = True
         with self._lock:
@@ -138,6 +144,7 @@ class HarnessFactory:
         policy: str = "user",
         margin_s: float = 5.0,
         grace_s: float = 2.0,
+        metrics: BridgeMetrics | None = None,
         **overrides: Any,
     ) -> BridgeHarness:
         settings = bridge_settings(self.redis_url, self.keys, **overrides)
@@ -153,6 +160,7 @@ class HarnessFactory:
             identities,
             deadline_margin_s=margin_s,
             shutdown_grace_s=grace_s,
+            metrics=metrics,
         )
         server.start()
         harness = BridgeHarness(

@@ -17,6 +17,9 @@ BRIDGE_MODULES = [
     "bridge.client",
     "bridge.devsession",
     "bridge.main",
+    "bridge.metrics",
+    "bridge.outcome",
+    "istasks.logs",
     "istasks.replies",
 ]
 HEAVY = ["numpy", "h5py", "hdf5plugin", "fabio", "PIL"]

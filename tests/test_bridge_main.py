@@ -127,6 +127,7 @@ def test_serves_and_stops_on_sigterm(
     assert proc.wait(timeout=15) == 0
     assert proc.stderr is not None
     log = proc.stderr.read().decode()
-    assert "outcome=error:'isMain.c main: Process nobody is not authorized (2)'" in log
+    assert "outcome=refused " in log
+    assert 'error="isMain.c main: Process nobody is not authorized (2)"' in log
     assert "pid=nobody" in log
     assert "bridge stopped" in log

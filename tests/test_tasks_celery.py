@@ -22,8 +22,10 @@ from celery import Celery
 from PIL import Image
 
 from bridge.dispatch import CeleryDispatcher
+from bridge.outcome import Reply
+from bridge.progress import parse_progress
 from istasks.app import create_app
-from istasks.keys import stats_key
+from istasks.keys import progress_channel, stats_key
 from istasks.redisserver import free_port
 from istasks.settings import Settings
 from istasks.testdata.eiger import write_eiger
@@ -184,13 +186,15 @@ def test_jpeg_round_trip(
     client = redis.Redis.from_url(redis_url)
     assert client.get(stats_key(IDENT.gid, "computed")) == b"1"
     assert client.get(stats_key(IDENT.gid, "lru_hits")) == b"1"
-    # Results are read once and deleted.
+    # Results are stored under the identity's own prefix, read once and deleted.
     deadline = time.monotonic() + 2
-    while client.keys("celery-task-meta-*") and time.monotonic() < deadline:
+    while client.keys("*celery-task-meta-*") and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert client.keys("celery-task-meta-*") == []
+    assert client.keys("*celery-task-meta-*") == []
     assert dispatcher.pending_count == 0
-    assert "jpeg rid=r2 queue=4001:5001 frames=3" in worker.log()
+    assert " rid=r2 queue=4001:5001 kind=jpeg " in worker.log()
+    assert isinstance(frames, Reply) and isinstance(again, Reply)  # the worker's report
+    assert (frames.cache, again.cache) == ("computed", "lru") and again.worker_ms is not None
 
 
 def test_blank_fallback_and_spots(
@@ -238,6 +242,89 @@ def test_index_with_progress_on_service_redis(
     ]
 
 
+def test_progress_is_relayed_only_for_requests_in_flight(
+    redis_url: str, workdir: Path, master: Path
+) -> None:
+    """Only (identity, channel) pairs of index requests in flight are relayed: not
+    another identity's channel, not an unrequested target, nothing after the reply."""
+    env = {"IS_INDEXER_COMMAND": str(workdir / "rapd.index"), "INDEX_SLEEP_S": "1"}
+    proc = WorkerProcess(redis_url, IDENT.queue, workdir, env)
+    proc.wait_ready()
+    settings = settings_for(redis_url)
+    d = CeleryDispatcher(create_app(settings), settings)
+    admin = redis.Redis.from_url(redis_url)
+    listener = admin.pubsub()  # type: ignore[no-untyped-call]
+    listener.subscribe("mine", "other", "/0.celery.pidbox")
+    own, foreign = progress_channel(IDENT.uid, IDENT.gid), progress_channel(4002, IDENT.gid)
+
+    def inject(channel: str, target: str, message: str) -> None:
+        admin.publish(channel, json.dumps({"channel": target, "message": message}))
+
+    try:
+        job = {"type": "index", "fn1": str(master), "tag": "ix", "progressPublisher": "mine"}
+        future = d.submit(IDENT, "index", job, "r-p")
+        first = _next_message(listener, 10)  # the worker's own first line
+        assert first is not None and json.loads(first["data"])["progress"] == "indexing"
+        inject(own, "mine", '"from the worker"')
+        inject(foreign, "mine", '"forged by another identity"')
+        inject(own, "other", '"not the requested channel"')
+        inject(own, "/0.celery.pidbox", '"remote control"')
+        admin.publish(own, b"not json")
+        inject(own, "mine", "x" * 5000)
+        assert future.result(timeout=30)[0] == b""
+        inject(own, "mine", '"after the reply"')
+        time.sleep(0.5)
+    finally:
+        d.close()
+        proc.stop()
+    received = [(m["channel"], m["data"]) for m in iter(lambda: _next_message(listener, 1), None)]
+    listener.close()
+    admin.close()
+    assert (b"mine", b'"from the worker"') in received
+    assert received[-1] == (b"mine", b'{"done": true, "tag": "ix"}')
+    assert {channel for channel, _ in received} == {b"mine"}
+    assert {data for _, data in received} == {
+        b'"from the worker"',
+        b'{"progress": "strategy", "done": false, "tag": "ix"}',
+        b'{"done": true, "tag": "ix"}',
+    }
+
+
+def test_parse_progress_refuses_reserved_and_malformed_messages() -> None:
+    own = progress_channel(IDENT.uid, IDENT.gid).encode()
+
+    def wrapped(target: object, message: object = "m") -> bytes:
+        return json.dumps({"channel": target, "message": message}).encode()
+
+    assert parse_progress(own, wrapped("idx-7")) == (IDENT, "idx-7", "m")
+    for target in ("is:r:5001:x", "celery-task-meta-1", "/0.celery.pidbox", "", 7):
+        assert parse_progress(own, wrapped(target)) is None, target
+    assert parse_progress(own, wrapped("idx-7", {"progress": 1})) is None
+    assert parse_progress(own, b"[1, 2]") is None
+    assert parse_progress(b"is:progress:4001", wrapped("idx-7")) is None
+    assert parse_progress(b"is:progress:4001:5001:x", wrapped("idx-7")) is None
+
+
+def test_sent_tasks_hide_the_envelope(redis_url: str) -> None:
+    """Flower and worker logs show argsrepr/kwargsrepr, never the envelope."""
+    settings = settings_for(redis_url, view_timeout_s=2.0)
+    d = CeleryDispatcher(create_app(settings), settings)
+    nobody = Identity(4999, 5999)
+    admin = redis.Redis.from_url(redis_url)
+    try:
+        future = d.submit(nobody, "jpeg", {"type": "jpeg", "pid": "secret-pid"}, "r-h")
+        _wait_for(lambda: admin.llen(nobody.queue) == 1, 5)
+        raw = admin.lindex(nobody.queue, 0)
+        future.result(timeout=10)
+    finally:
+        d.close()
+        admin.close()
+    assert isinstance(raw, bytes)
+    headers = json.loads(raw)["headers"]
+    assert (headers["argsrepr"], headers["kwargsrepr"]) == ("('<envelope>',)", "{}")
+    assert b"secret-pid" not in raw  # only inside the (signed, base64) body
+
+
 def raw_result(app: Celery, name: str, token: object, queue: str) -> Any:
     """Send a task by hand (bypassing the dispatcher) and read its result."""
     result = app.send_task(name, args=[token], queue=queue)
@@ -254,10 +341,10 @@ def test_worker_refuses_bad_envelopes(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     settings = settings_for(redis_url)
-    app = create_app(settings)
+    app = create_app(settings, IDENT)  # reads results under the worker's identity prefix
     job = {"job": {"type": "spots", "fn": str(master)}, "rid": "r9"}
     good = raw_result(app, "is.spots", seal(SECRET.encode(), IDENT.queue, job), IDENT.queue)
-    assert set(good) == {"frames"}
+    assert set(good) == {"frames", "cache", "elapsed_ms"}
     forged = seal(b"not the secret", IDENT.queue, job)
     assert raw_result(app, "is.spots", forged, IDENT.queue) == {
         "error": "istasks envelope: task envelope signature invalid"
@@ -308,7 +395,7 @@ def test_interactive_queue_goes_before_prefetch(
     proc = WorkerProcess(redis_url, IDENT.queue, workdir, env)
     proc.wait_ready()
     settings = settings_for(redis_url)
-    app = create_app(settings)
+    app = create_app(settings, IDENT)  # reads results under the worker's identity prefix
     d = CeleryDispatcher(app, settings)
     try:
         busy = d.submit(IDENT, "index", {"type": "index", "fn1": str(master)}, "busy")
@@ -427,6 +514,16 @@ def _indexer_pids(worker: WorkerProcess) -> list[int]:
             if cmdline.exists() and b"rapd.index" in cmdline.read_bytes():
                 found.append(int(pid))
     return found
+
+
+def _next_message(pubsub: Any, timeout_s: float) -> dict[str, Any] | None:
+    """The next published message (subscription confirmations skipped), or None."""
+    deadline = time.monotonic() + timeout_s
+    while (remaining_s := deadline - time.monotonic()) > 0:
+        message = pubsub.get_message(timeout=remaining_s)
+        if message is not None and message["type"] == "message":
+            return dict(message)
+    return None
 
 
 def _wait_for(condition: Callable[[], bool], timeout_s: float) -> None:
