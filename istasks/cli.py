@@ -198,6 +198,35 @@ def _cmd_session_add(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_prefetch(args: argparse.Namespace) -> int:
+    """Warm an ESAF's image cache for a dataset or directory (or watch a directory)."""
+    from istasks import prefetch, prefetch_watch
+    from istasks.settings import get_settings
+
+    if (args.target is None) == (args.watch is None):
+        print("isctl prefetch: give MASTER_OR_DIR or --watch DIR (one of them)", file=sys.stderr)
+        return 2
+    settings = get_settings()
+    options = prefetch.Options(
+        sizes=prefetch.parse_sizes(args.sizes, settings.max_xsize),
+        frames=prefetch.parse_frames(args.frames) if args.frames else None,
+        window=args.window or settings.prefetch_window,
+        timeout_s=args.timeout,
+    )
+    identity = prefetch.resolve_identity(settings, args.esaf, args.user)
+    if args.watch is not None:
+        return prefetch_watch.command(
+            settings,
+            identity,
+            options,
+            Path(args.watch),
+            interval_s=args.interval,
+            give_up_s=args.give_up,
+        )
+    target = Path(args.target)
+    return prefetch.command(settings, identity, options, target, wait=not args.no_wait)
+
+
 def _add_render(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("render", help="render a view of FILE to a JPEG, print meta JSON")
     p.add_argument("file", type=Path)
@@ -268,6 +297,22 @@ def _add_session(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     add.set_defaults(handler=_cmd_session_add)
 
 
+def _add_prefetch(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("prefetch", help="warm an ESAF's image cache for a dataset or directory")
+    p.add_argument("target", nargs="?", metavar="MASTER_OR_DIR", help="master file or directory")
+    p.add_argument("--esaf", type=int, required=True, help="run as the ESAF account e<esaf>")
+    p.add_argument("--user", default=None, help="run as this account instead (esaf 0, dev)")
+    p.add_argument("--sizes", default="384,1024", help="view widths, comma separated")
+    p.add_argument("--frames", default=None, metavar="A-B", help="1-based range (default: all)")
+    p.add_argument("--no-wait", action="store_true", help="queue the tasks and return at once")
+    p.add_argument("--watch", default=None, metavar="DIR", help="prefetch new datasets in DIR")
+    p.add_argument("--interval", type=float, default=2.0, help="--watch poll interval, seconds")
+    p.add_argument("--give-up", type=float, default=600.0, help="--watch: give up after s idle")
+    p.add_argument("--window", type=int, default=None, help="tasks in flight (IS_PREFETCH_WINDOW)")
+    p.add_argument("--timeout", type=float, default=120.0, help="longest wait for one frame, s")
+    p.set_defaults(handler=_cmd_prefetch)
+
+
 #: Subcommands whose own modules parse their arguments (``isctl flower --help`` works).
 PASSTHROUGH = {
     "flower": ("istasks.flower", "run Flower against the broker (auth from settings)"),
@@ -284,7 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The full ``isctl`` argument parser."""
     parser = argparse.ArgumentParser(prog="isctl", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_render, _add_meta, _add_demo, _add_up, _add_get, _add_session, _add_ops):
+    adders = (_add_render, _add_meta, _add_demo, _add_up, _add_get, _add_session, _add_prefetch)
+    for add in (*adders, _add_ops):
         add(sub)
     return parser
 

@@ -23,7 +23,7 @@ from istasks.cache import report_outcome
 from istasks.errors import EnvelopeError, IsError
 from istasks.jobs import Job, int_field, str_field
 from istasks.logs import log_value, redact_token
-from istasks.prefetch import register as register_prefetch
+from istasks.prefetch_task import register as register_prefetch
 from istasks.replies import error_text
 from istasks.service import Frames, Service
 from istasks.settings import Settings
