@@ -3,7 +3,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test bench lint setup clean
+.PHONY: run test bench bench-quick lint setup clean
 
 $(STAMP): pyproject.toml scripts/bootstrap.sh
 	VENV=$(VENV) bash scripts/bootstrap.sh
@@ -16,8 +16,15 @@ run: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# `make bench BENCH_ARGS="e2e read"` runs a subset; bench-quick runs the headline targets
+# of issues 2-4 in a few minutes (the full run also does prefetch and load).
+BENCH_QUICK ?= read pipeline e2e identities_e2e
+
 bench: $(STAMP)
 	$(PY) -m bench $(BENCH_ARGS)
+
+bench-quick: $(STAMP)
+	$(PY) -m bench $(BENCH_QUICK)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check istasks bridge queues tests bench
