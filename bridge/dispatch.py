@@ -11,6 +11,9 @@ identity's worker stores its results under its own prefix (istasks.app.worker_is
 a result counts only under the prefix of the identity the task was sent to.
 A watchdog thread enforces deadlines and notices dead workers through the pool's epoch.
 Callbacks added to the returned futures run on these threads: keep them short.
+Where there is more to tell than the frames show, a future resolves to a
+:class:`bridge.outcome.Reply` (still the list of frames): the worker's cache outcome and
+time, or an outcome such as timeout or unavailable (for the request log and metrics).
 
 Index progress: the listener also hears every identity's progress channel and relays a
 message only while that identity has an index request in flight that named its target
@@ -33,7 +36,9 @@ from typing import Any, Protocol
 import redis
 from celery import Celery
 from celery.backends.base import KeyValueStoreBackend
+from celery.backends.redis import RedisBackend
 
+from bridge.outcome import Outcome, Reply, exception_outcome
 from bridge.progress import ProgressRelay, parse_progress
 from istasks.app import TASK_NAMES, master_secret
 from istasks.errors import IsError, WorkerUnavailable
@@ -68,7 +73,8 @@ class Dispatcher(Protocol):
     def submit(
         self, identity: Identity, kind: str, job: dict[str, Any], request_id: str
     ) -> concurrent.futures.Future[Frames]:
-        """Future of the full reply frames; it always resolves, never raises."""
+        """Future of the full reply frames (a :class:`Reply` when the dispatcher knows
+        more than they show); it always resolves, never raises."""
         ...
 
     def close(self) -> None:
@@ -90,6 +96,20 @@ class _Pending:
     progress_channel: str | None = None  # index: the client's progressPublisher
 
 
+class PublishOnlyBackend(RedisBackend):  # type: ignore[misc]
+    """The dispatcher's result backend: it never subscribes to a task's own channel.
+
+    Celery's Redis backend subscribes each sent task's result channel (and unsubscribes
+    when the AsyncResult is collected): two wasted round trips per request here, where
+    _ResultListener reads every result; redis-py keeps every channel whose UNSUBSCRIBE
+    confirmation is never read (~280 B per request in the bridge); and with Redis down
+    the send sits ~20 s in the backend's reconnect loop instead of failing at once.
+    """
+
+    def on_task_call(self, producer: Any, task_id: str) -> None:
+        """Nothing to subscribe to: results come through the listener."""
+
+
 class CeleryDispatcher:
     """Dispatcher over Celery with the Redis result backend."""
 
@@ -103,6 +123,8 @@ class CeleryDispatcher:
     ) -> None:
         if not settings.results:
             raise ValueError("no result backend: set IS_RESULT_URL or IS_REDIS_URL")
+        # Before anything creates the (per-thread) backend: see PublishOnlyBackend.
+        app.conf.result_backend = f"{__name__}:PublishOnlyBackend+{settings.results}"
         self._app = app
         self._settings = settings
         self._pool = pool
@@ -138,10 +160,11 @@ class CeleryDispatcher:
             future.set_result(error_frames(f"bridge: unknown task kind {kind!r}"))
             return future
         if identity.is_root:  # the bridge refuses these first; never let one through
-            future.set_result(error_frames(f"bridge: refusing to run as {identity.queue}"))
+            refusal = error_frames(f"bridge: refusing to run as {identity.queue}")
+            future.set_result(Reply(refusal, outcome="refused"))
             return future
         if self._closed.is_set():
-            future.set_result(error_frames(_unavailable("dispatcher closed", request_id)))
+            future.set_result(_unavailable("dispatcher closed", request_id))
             return future
         task_id = self._id_prefix + uuid.uuid4().hex
         with self._lock:  # registered now, so the deadline also covers starting the worker
@@ -149,7 +172,7 @@ class CeleryDispatcher:
         try:
             self._senders.submit(self._send, task_id, entry, job)
         except RuntimeError:  # executor shut down between the check and the submit
-            self.resolve(task_id, error_frames(_unavailable("dispatcher closed", request_id)))
+            self.resolve(task_id, _unavailable("dispatcher closed", request_id))
         return future
 
     def close(self) -> None:
@@ -165,9 +188,7 @@ class CeleryDispatcher:
         with self._lock:
             pending, self._pending = self._pending, {}
         for entry in pending.values():
-            _settle(
-                entry.future, error_frames(_unavailable("bridge shutting down", entry.request_id))
-            )
+            _settle(entry.future, _unavailable("bridge shutting down", entry.request_id))
 
     @property
     def pending_count(self) -> int:
@@ -202,11 +223,11 @@ class CeleryDispatcher:
                 kwargsrepr="{}",
             )
         except IsError as exc:
-            self.resolve(task_id, error_frames(exc.wire_text()))
+            reply = Reply(error_frames(exc.wire_text()), outcome=exception_outcome(exc))
+            self.resolve(task_id, reply)
         except Exception as exc:  # broker down, kombu/redis errors: answer, never raise
             log.warning("send %s to %s failed: %s", entry.kind, entry.identity.queue, exc)
-            text = _unavailable(f"broker unavailable ({exc})", entry.request_id)
-            self.resolve(task_id, error_frames(text))
+            self.resolve(task_id, _unavailable(f"broker unavailable ({exc})", entry.request_id))
 
     # -- completion -------------------------------------------------------------------
 
@@ -287,14 +308,14 @@ class CeleryDispatcher:
             if now >= entry.deadline:
                 waited_s = now - entry.started
                 text = f"{entry.kind} request timed out after {waited_s:.0f} s"
-                self.resolve(task_id, error_frames(_unavailable(text, entry.request_id)))
+                self.resolve(task_id, _unavailable(text, entry.request_id, "timeout"))
             elif self._pool is not None and entry.epoch is not None:
                 if entry.identity not in epochs:
                     epochs[entry.identity] = self._live_epoch(entry.identity)
                 live = epochs[entry.identity]
                 if live is not _UNKNOWN and live != entry.epoch:
                     text = f"worker for {entry.identity.queue} died while serving {entry.kind}"
-                    self.resolve(task_id, error_frames(_unavailable(text, entry.request_id)))
+                    self.resolve(task_id, _unavailable(text, entry.request_id))
 
     def _live_epoch(self, identity: Identity) -> int | _Unknown | None:
         """The pool's epoch; _UNKNOWN when the pool cannot be asked (not a dead worker)."""
@@ -420,23 +441,27 @@ def result_key(identity: Identity, task_id: str) -> bytes:
 
 
 def _frames_from_meta(meta: dict[str, Any], request_id: str) -> Frames:
-    """Reply frames from a task's stored meta (``{"frames": [...]}`` or ``{"error": s}``)."""
+    """Reply frames from a task's stored meta (``{"frames": [...]}`` or ``{"error": s}``,
+    with the worker's ``cache`` and ``elapsed_ms``)."""
     result = meta.get("result")
     if meta.get("status") == "SUCCESS" and isinstance(result, dict):
+        report = {"cache": result.get("cache", "none"), "worker_ms": result.get("elapsed_ms")}
         frames = result.get("frames")
         if isinstance(frames, list) and all(isinstance(f, bytes) for f in frames):
-            return success_frames(*frames)
+            return Reply(success_frames(*frames), **report)
         error = result.get("error")
         if isinstance(error, str) and error:
-            return error_frames(error)
+            return Reply(error_frames(error), **report)
     if meta.get("status") == "REVOKED":
-        return error_frames(_unavailable("request expired before a worker took it", request_id))
+        return _unavailable("request expired before a worker took it", request_id, "timeout")
     log.error("task failed outside the service (status %s) rid=%s", meta.get("status"), request_id)
     return error_frames(error_text(RuntimeError("task failure"), request_id))
 
 
-def _unavailable(text: str, request_id: str) -> str:
-    return WorkerUnavailable(f"{text} (request {request_id})").wire_text()
+def _unavailable(text: str, request_id: str, outcome: Outcome = "unavailable") -> Reply:
+    """The error reply of a request no worker answered."""
+    frames = error_frames(WorkerUnavailable(f"{text} (request {request_id})").wire_text())
+    return Reply(frames, outcome=outcome)
 
 
 def _settle(future: concurrent.futures.Future[Frames], frames: Frames) -> None:

@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 REQUEST_TYPES = ("jpeg", "spots", "index", "other")
 #: Cache outcomes counted (a request that made no lookup is not a cache event).
-CACHE_COUNTED = ("lru", "redis", "computed")
+CACHE_COUNTED = ("jpeg", "lru", "redis", "computed")
 #: A cached jpeg answers in ~5 ms; a view may take up to view_timeout_s (20 s) and an
 #: index job minutes (those land in +Inf).
 DURATION_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)

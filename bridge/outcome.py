@@ -21,8 +21,9 @@ from istasks.errors import AuthError, RequestError, WorkerUnavailable
 #: timeout (no reply in time).
 Outcome = Literal["ok", "blank", "error", "bad_request", "refused", "unavailable", "timeout"]
 OUTCOMES: tuple[Outcome, ...] = typing.get_args(Outcome)
-#: How the worker found the reduced image; "none": no cache lookup, or not reported.
-CACHE_RESULTS = ("lru", "redis", "computed", "none")
+#: How the worker found the reduced image ("jpeg": the whole rendered reply came from the
+#: worker's JPEG LRU); "none": no cache lookup, or not reported.
+CACHE_RESULTS = ("jpeg", "lru", "redis", "computed", "none")
 
 
 class Reply(list[bytes]):

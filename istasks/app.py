@@ -61,6 +61,14 @@ def celery_config(settings: Settings, identity: Identity | None = None) -> dict[
         "task_acks_late": False,
         "task_reject_on_worker_lost": False,
         "result_expires": RESULT_EXPIRES_S,
+        # A result that cannot be stored (Redis restarting, or the worker's ACL user not
+        # re-created yet) is retried, not dropped: dropped, its client would wait for the
+        # whole deadline (index: 30 min) for a reply that was ready. Full-jitter backoff
+        # 0.1 s .. 1 s, at most ~20 s; only connection errors are retried.
+        "result_backend_always_retry": True,
+        "result_backend_max_retries": 20,
+        "result_backend_base_sleep_between_retries_ms": 100,
+        "result_backend_max_sleep_between_retries_ms": 1000,
         "result_extended": False,
         "task_track_started": False,
         # Priority lists: interactive queue first, ":prefetch" queue only when idle.

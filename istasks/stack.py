@@ -37,6 +37,7 @@ class Component:
 
     name: str
     process: subprocess.Popen[bytes]
+    code: str = ""  # what ``python -c`` runs: :meth:`Stack.restart` starts it again
 
 
 @dataclass
@@ -132,6 +133,9 @@ class Stack:
         self.env["IS_PROXY_ENDPOINT"] = backend
 
     def _spawn(self, name: str, code: str) -> None:
+        self.components.append(Component(name, self._popen(name, code), code))
+
+    def _popen(self, name: str, code: str) -> subprocess.Popen[bytes]:
         log_path = self.run_dir / f"{name}.log"
         out = open(log_path, "ab")  # noqa: SIM115 - owned by the child for its lifetime
         proc = subprocess.Popen(
@@ -142,7 +146,7 @@ class Stack:
             start_new_session=True,
         )
         out.close()
-        self.components.append(Component(name, proc))
+        return proc
 
     def _wait_for_path(self, path: Path, name: str, timeout_s: float = 30.0) -> None:
         deadline = time.monotonic() + timeout_s
@@ -170,6 +174,46 @@ class Stack:
             if comp.process.poll() is not None:
                 tail = (self.run_dir / f"{comp.name}.log").read_text(errors="replace")[-2000:]
                 raise RuntimeError(f"{comp.name} exited ({comp.process.returncode}):\n{tail}")
+
+    def restart(self, name: str, *, grace_s: float = 10.0) -> None:
+        """Stop component ``name`` (at once if it already died) and start it again as
+        :meth:`start` did, waiting until it serves. ``"redis"`` restarts the private
+        redis-server on the same port, empty: it keeps nothing (the fault tests)."""
+        if name == "redis":
+            if self.redis is None:
+                raise ValueError("redis is not this stack's own (IS_REDIS_URL is set)")
+            port = self.redis.port
+            self.redis.stop()
+            self.redis = start_redis(port)
+            return
+        index = next((i for i, c in enumerate(self.components) if c.name == name), None)
+        if index is None:
+            raise ValueError(f"no component {name!r} in this stack")
+        comp = self.components[index]
+        _end(comp.process, grace_s)
+        self.components[index] = Component(name, self._popen(name, comp.code), comp.code)
+        if name == "bridge":
+            self._wait_for_bridge()
+        elif name == "supervisor":
+            self._wait_for_supervisor()
+
+    def _wait_for_supervisor(self, timeout_s: float = 30.0) -> None:
+        """Until the control socket answers (a killed supervisor leaves its file behind)."""
+        from queues.pool import SupervisorClient
+
+        client = SupervisorClient(self.settings, socket_path=self.env["IS_SUPERVISOR_SOCKET"])
+        deadline = time.monotonic() + timeout_s
+        try:
+            while True:
+                self._raise_if_dead()
+                with contextlib.suppress(Exception):
+                    if client.status().get("ok"):
+                        return
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"supervisor did not answer within {timeout_s:g} s")
+                time.sleep(0.05)
+        finally:
+            client.close()
 
     def dead(self) -> list[str]:
         """Names of components that have exited."""
@@ -200,16 +244,28 @@ class Stack:
                     comp.process.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + grace_s
         for comp in reversed(self.components):
-            try:
-                comp.process.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(comp.process.pid, signal.SIGKILL)
-                comp.process.wait()
+            _wait_or_kill(comp.process, deadline)
         self.components.clear()
         if self.redis is not None:
             self.redis.stop()
             self.redis = None
+
+
+def _end(process: subprocess.Popen[bytes], grace_s: float) -> None:
+    """SIGTERM one component, SIGKILL its process group after ``grace_s``; reap it."""
+    if process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(signal.SIGTERM)
+    _wait_or_kill(process, time.monotonic() + grace_s)
+
+
+def _wait_or_kill(process: subprocess.Popen[bytes], deadline: float) -> None:
+    try:
+        process.wait(timeout=max(0.1, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
 
 
 def _passthrough(settings: Settings) -> dict[str, str]:
