@@ -11,7 +11,8 @@ across the workers of one gid by a short Redis lock whose losers poll for the va
 Redis trouble never fails a request: the cache logs, stops asking Redis for a few
 seconds, and computes. This module knows nothing of numpy: values only need
 ``to_bytes()`` and ``nbytes`` plus a decoder. How each lookup was served (LRU, Redis or
-computed) is reported to whoever opened a :func:`report_outcome` block around it.
+computed; "jpeg" when the service answered from its rendered-reply LRU without a lookup)
+is reported to whoever opened a :func:`report_outcome` block around it.
 """
 
 from __future__ import annotations
@@ -47,9 +48,10 @@ LOCK_POLL_S = 0.02
 #: After a Redis error the cache works without Redis for this long.
 REDIS_BACKOFF_S = 5.0
 
-#: How a lookup was served: this process's LRU, Redis, or computed here; "none" when a
-#: request never reached the cache (no file name, failed before, index jobs).
-CacheOutcome = Literal["lru", "redis", "computed", "none"]
+#: How a lookup was served: this process's LRU, Redis, or computed here; "jpeg" when the
+#: whole rendered reply came from the service's JPEG LRU; "none" when a request never
+#: reached the cache (no file name, failed before, index jobs).
+CacheOutcome = Literal["jpeg", "lru", "redis", "computed", "none"]
 
 
 class Cacheable(Protocol):
@@ -110,7 +112,8 @@ def report_outcome() -> Iterator[OutcomeReport]:
         _report.reset(token)
 
 
-def _note(outcome: CacheOutcome) -> None:
+def note_outcome(outcome: CacheOutcome) -> None:
+    """Record how this request's image was found (for an enclosing :func:`report_outcome`)."""
     report = _report.get()
     if report is not None:
         report.outcome = outcome
@@ -219,23 +222,36 @@ class ReducedCache(Generic[V]):
         self._redis_down_until = 0.0
         self._token = uuid.uuid4().hex
 
-    def get(self, path: str, view_token: str, compute: Callable[[FileVersion], V]) -> V:
+    def get(
+        self,
+        path: str,
+        view_token: str,
+        compute: Callable[[FileVersion], V],
+        *,
+        version: FileVersion | None = None,
+    ) -> V:
         """The reduced image of ``path`` for ``view_token``; ``compute`` runs on a miss.
 
-        ``compute``'s DataUnavailable (and any other error) propagates and nothing is
-        cached, so the next request tries again. How the value was found goes to the
-        enclosing :func:`report_outcome` block, if any.
+        ``version`` is the caller's fresh :func:`stat_version` of ``path`` (stat'ed here
+        when not given). ``compute``'s DataUnavailable (and any other error) propagates
+        and nothing is cached, so the next request tries again. How the value was found
+        goes to the enclosing :func:`report_outcome` block, if any.
         """
-        version = stat_version(path)
-        key = reduced_key(self.gid, version.file_id, view_token)
+        version = version or stat_version(path)
+        key = self.key(version, view_token)
         value = self.lru.get(key)
         if value is not None:
             self._redis_call(lambda r: _touch(r, key, self._ttl_s, stats_key(self.gid, "lru_hits")))
-            _note("lru")
+            note_outcome("lru")
             return value
         value, outcome = self._flights.do(key, lambda: self._load(key, version, compute))
-        _note(outcome)
+        note_outcome(outcome)
         return value
+
+    def key(self, version: FileVersion, view_token: str) -> str:
+        """The cache key of ``version``'s reduced image for ``view_token`` (a rewritten
+        file has a new version, hence new keys)."""
+        return reduced_key(self.gid, version.file_id, view_token)
 
     def stats(self) -> dict[str, int]:
         """The gid's counters in Redis (``computed``, ``hits``, ``lru_hits``)."""

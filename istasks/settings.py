@@ -53,6 +53,8 @@ class Settings:
     jpeg_quality: int = 90
     cache_ttl_s: int = 3600
     lru_max_bytes: int = 512 * 1024 * 1024
+    # Rendered jpeg replies kept per worker: a repeated identical view skips contrast+encode.
+    jpeg_lru_max_bytes: int = 64 * 1024 * 1024
     max_xsize: int = 10000
     spot_sensitivity: float = 1.5
 

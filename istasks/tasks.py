@@ -2,7 +2,7 @@
 
 Each takes one signed envelope (contract item 1), opens it with this worker's queue
 key, runs the service and returns ``{"frames": [...]}`` or ``{"error": text}``, plus
-``cache`` (how the reduced image was found: lru, redis, computed, none) and
+``cache`` (how the reduced image was found: jpeg, lru, redis, computed, none) and
 ``elapsed_ms`` for the bridge's request line and metrics. Nothing escapes as a Celery
 failure: every exception becomes the one error text of ``istasks.replies`` (a Celery
 FAILURE would carry a traceback through the backend). Each task logs one line.

@@ -73,7 +73,9 @@ def test_contrast_levels_tolerate_bad_meta() -> None:
     assert contrast_levels(ContrastParams(wval=-1, contrast=-1), meta) == Levels(0, 1)
 
 
-@pytest.mark.parametrize(("white", "black"), [(0, 1), (10, 300), (7, 1000), (1000, 70000)])
+@pytest.mark.parametrize(
+    ("white", "black"), [(0, 1), (10, 300), (7, 1000), (1000, 70000), (65000, 65600)]
+)
 @pytest.mark.parametrize("dtype", [np.uint16, np.uint32])
 def test_grey_levels_follow_the_spec_formula_exactly(
     white: int, black: int, dtype: type[np.unsignedinteger[Any]]

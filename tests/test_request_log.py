@@ -91,6 +91,7 @@ def test_reply_keeps_only_well_formed_worker_reports() -> None:
     assert odd.cache == "none" and odd.worker_ms is None
     assert Reply([b""], cache=["lru"], worker_ms=True).cache == "none"
     assert Reply([b""], worker_ms=-1).worker_ms is None
+    assert Reply([b""], cache="jpeg").cache == "jpeg"  # served from the worker's JPEG LRU
 
 
 # -- the cache reports how it served --------------------------------------------------
