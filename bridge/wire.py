@@ -12,6 +12,8 @@ delimiter added, so every reply has the one shape ``route, b"", frames``.
 from __future__ import annotations
 
 import json
+import math
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,7 +24,15 @@ from istasks.jobs import Job
 MAX_ENVELOPE_FRAMES = 64
 #: Largest payload parsed. is.js jobs are a few hundred bytes; this only stops abuse.
 MAX_PAYLOAD_BYTES = 1 << 20
+#: Deepest nesting of arrays/objects accepted in a job (is.js jobs are flat). Without a
+#: bound a job nested just below the bridge's parser limit would pass here and then fail
+#: to decode in a worker, whose threads run on deeper stacks.
+MAX_JSON_DEPTH = 32
 _FORMAT = "Unexpected incoming message format"
+_INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
+_INT64_MAX_DIGITS = 20  # "-9223372036854775808"
+#: A ``\uD800``-``\uDFFF`` escape: the only way a surrogate gets into decoded UTF-8 text.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 class MalformedEnvelope(RequestError):
@@ -65,9 +75,15 @@ def parse_job(payload: bytes) -> Job:
     except UnicodeDecodeError as exc:
         raise RequestError(f"Failed to parse request: not UTF-8 at byte {exc.start}") from None
     try:
-        value: Any = json.loads(text, parse_constant=_reject_constant)
+        value: Any = json.loads(
+            text, parse_constant=_reject_constant, parse_int=_int64, parse_float=_finite_float
+        )
     except (ValueError, RecursionError) as exc:
         raise RequestError(f"Failed to parse request: {_short(exc)}") from None
+    if _nesting_depth(value) > MAX_JSON_DEPTH:
+        raise RequestError(f"Failed to parse request: nested deeper than {MAX_JSON_DEPTH} levels")
+    if _SURROGATE_ESCAPE.search(text):
+        _reject_lone_surrogates(value)
     if isinstance(value, list):
         # jansson accepted a top-level array; main then found no pid in it.
         raise RequestError("request does not contain pid")
@@ -84,6 +100,52 @@ def reply_message(route: Sequence[bytes], frames: Sequence[bytes]) -> list[bytes
 def _reject_constant(name: str) -> Any:
     """JSON has no NaN/Infinity (jansson refuses them); neither do we."""
     raise ValueError(f"invalid token '{name}'")
+
+
+def _int64(digits: str) -> int:
+    """An integer as jansson reads it: beyond 64 bits the whole request is refused (an
+    unbounded Python int would overflow float conversions in the workers)."""
+    value = int(digits) if len(digits) <= _INT64_MAX_DIGITS else _INT64_MAX + 1
+    if not _INT64_MIN <= value <= _INT64_MAX:
+        raise ValueError(
+            "too big negative integer" if digits.startswith("-") else "too big integer"
+        )
+    return value
+
+
+def _finite_float(text: str) -> float:
+    """A real as jansson reads it: one that overflows to infinity is refused (Python
+    would keep ``inf`` and echo it as ``Infinity``, which is not JSON)."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError("real number overflow")
+    return value
+
+
+def _nesting_depth(value: Any) -> int:
+    """Levels of arrays/objects in a decoded JSON value (iterative: no recursion limit)."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if not isinstance(item, dict | list):
+            continue
+        deepest = max(deepest, depth)
+        children = item.values() if isinstance(item, dict) else item
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+def _reject_lone_surrogates(value: Any) -> None:
+    r"""Python decodes an unpaired ``\uD800`` escape into a string no UTF-8 encoder
+    accepts, so the echoed job could never be sent; jansson refused such text too."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        text = "Failed to parse request: invalid Unicode escape (unpaired surrogate)"
+        raise RequestError(text) from None
+    except RecursionError:
+        raise RequestError("Failed to parse request: nesting too deep") from None
 
 
 def _short(exc: BaseException) -> str:

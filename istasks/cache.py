@@ -2,9 +2,10 @@
 
 Reducing a frame is the expensive step (read + decompress + max-pool); contrast and JPEG
 encoding are cheap, so the reduced image is what we keep (spec 5.9, README "Speedy
-Access"). Keys carry a file identity (path, mtime, size) taken by a fresh ``stat`` on
-every request, so a rewritten file is never served stale (bug 17); that ``stat`` runs as
-the worker's identity, so file permissions still apply before anything cached is shown.
+Access"). Keys carry a file identity (path, mtime, size) taken from the file opened
+afresh on every request, so a rewritten file is never served stale (bug 17); it is
+opened as the worker's identity, so file permissions still apply before anything cached
+is shown.
 
 Identical concurrent requests are computed once: in-process by a single-flight table,
 across the workers of one gid by a short Redis lock whose losers poll for the value.
@@ -120,11 +121,22 @@ def note_outcome(outcome: CacheOutcome) -> None:
 
 
 def stat_version(path: str) -> FileVersion:
-    """``stat`` the file as the current identity; DataUnavailable when that fails."""
+    """The file's version, as the current identity may read it; DataUnavailable if not.
+
+    The file is opened, not just ``stat``'ed: ``stat`` needs no read permission on the
+    file, and the cache is shared by every user of an ESAF gid, so a file one of them
+    cannot read would otherwise reach them from another's cached view. Non-blocking, so
+    a FIFO cannot hang the request; the version comes from the opened descriptor.
+    """
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
     try:
-        st = os.stat(path)
+        fd = os.open(path, flags)
     except OSError as exc:
         raise DataUnavailable(f"cannot read {path}: {exc.strerror or exc}") from exc
+    try:
+        st = os.fstat(fd)
+    finally:
+        os.close(fd)
     return FileVersion(path, st.st_mtime_ns, st.st_size)
 
 

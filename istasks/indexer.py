@@ -20,6 +20,7 @@ import selectors
 import shlex
 import shutil
 import signal
+import stat
 import subprocess
 import tempfile
 import time
@@ -86,6 +87,18 @@ def detector_option(path: str) -> list[str]:
     return ["--detector", EIGER2_DETECTOR] if version == EIGER2_SOFTWARE_VERSION else []
 
 
+def _refuse_special_file(path: str) -> None:
+    """IndexerError when ``path`` exists but is not a regular file: opening a FIFO
+    blocks (here, then in the indexer for the whole timeout) and a device never ends.
+    A missing file is left to the indexer, as the original did."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return
+    if not stat.S_ISREG(mode):
+        raise IndexerError(f"{path} is not a regular file")
+
+
 def image_arguments(request: IndexRequest, names: list[str]) -> list[str]:
     """The trailing arguments of spec 6.2 step 2, from the symlink names."""
     if len(names) > 1:
@@ -110,6 +123,8 @@ def run_index(
     argv = shlex.split(command)
     if not argv:
         raise IndexerError("no indexer command configured (IS_INDEXER_COMMAND)")
+    for path in filter(None, (request.fn1, request.fn2)):
+        _refuse_special_file(path)
     detector = detector_option(request.fn1)
     workdir = tempfile.mkdtemp(prefix="isIndex-", dir=tmp_dir)
     started = time.monotonic()

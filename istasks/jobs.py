@@ -37,7 +37,10 @@ def number_field(job: Job, key: str) -> float:
     value = job.get(key)
     if isinstance(value, bool) or not isinstance(value, int | float):
         return 0.0
-    result = float(value)
+    try:
+        result = float(value)
+    except OverflowError:  # an int beyond float range (the bridge refuses those anyway)
+        return 0.0
     return result if math.isfinite(result) else 0.0
 
 
@@ -60,7 +63,7 @@ def view_params(job: Job) -> ViewParams:
     """
     frame = int_field(job, "frame")
     xsize = max(int_field(job, "xsize"), MIN_XSIZE)
-    zoom = round(number_field(job, "zoom") * 10.0) / 10.0
+    zoom = _nearest_tenth(number_field(job, "zoom"))
     segcol, segrow = number_field(job, "segcol"), number_field(job, "segrow")
     if zoom <= 1.0:
         zoom, segcol, segrow = 1.0, 0.0, 0.0
@@ -73,6 +76,13 @@ def view_params(job: Job) -> ViewParams:
         segrow=segrow,
         keep_aspect=keep_aspect,
     )
+
+
+def _nearest_tenth(value: float) -> float:
+    """``value`` rounded to 0.1 (spec 2.2); a value too large to scale stays as it is
+    (``round`` of the overflowed product would raise)."""
+    scaled = value * 10.0
+    return round(scaled) / 10.0 if math.isfinite(scaled) else value
 
 
 def contrast_params(job: Job) -> ContrastParams:

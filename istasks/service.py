@@ -8,20 +8,28 @@ worker's cwd (the ESAF home), as in the original.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis
 
-from istasks.cache import FileVersion, ReaderCache, ReducedCache
-from istasks.core.params import ViewParams
+from istasks.cache import (
+    ByteLRU,
+    FileVersion,
+    ReaderCache,
+    ReducedCache,
+    note_outcome,
+    stat_version,
+)
+from istasks.core.params import ContrastParams, LabelParams, ViewParams
 from istasks.core.readers import open_reader
 from istasks.core.readers.base import FrameReader
-from istasks.core.view import Reduced, reduce_frame, render_blank, render_jpeg
+from istasks.core.view import Reduced, Rendered, reduce_frame, render_blank, render_jpeg
 from istasks.errors import DataUnavailable, IndexerError, RequestError
 from istasks.indexer import IndexRequest, run_index
 from istasks.jobs import (
@@ -44,6 +52,17 @@ Frames = list[bytes]
 
 #: Opened readers kept per worker process (an Eiger dataset = master + data files).
 READER_CACHE_SIZE = 8
+#: Bytes charged per JPEG LRU entry beyond the JPEG (key, meta dict, tuples).
+JPEG_ENTRY_OVERHEAD_BYTES = 4096
+
+
+@dataclass(frozen=True)
+class RenderedView:
+    """A rendered jpeg reply before its job echo: the JPEG with the contrast levels used,
+    and the reduced image's meta (shared with the reduced cache: never mutated)."""
+
+    rendered: Rendered
+    meta: dict[str, Any]
 
 
 class SpotsRequestError(RequestError):
@@ -73,6 +92,11 @@ class Service:
     readers: ReaderCache[FrameReader]
     progress: ProgressOutlet | None = None
     index_slots: threading.BoundedSemaphore | None = None
+    #: Rendered replies of repeated identical views; sized by ``jpeg_lru_max_bytes``.
+    jpegs: ByteLRU[RenderedView] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.jpegs = ByteLRU(self.settings.jpeg_lru_max_bytes)
 
     # -- requests ---------------------------------------------------------------------
 
@@ -89,15 +113,13 @@ class Service:
         if not fn:
             return self._blank(job, params, reason=None)
         try:
-            reduced = self.reduced(fn, params)
-            rendered = render_jpeg(
-                reduced, contrast_params(job), label, quality=self.settings.jpeg_quality
-            )
+            view = self.rendered(fn, params, contrast_params(job), label)
         except (DataUnavailable, OSError) as exc:  # EncodeError is not: it stays an error
             log.info("jpeg %s frame %d: blank image (%s)", fn, params.frame, exc)
             return self._blank(job, params, reason=_reason(exc))
+        rendered = view.rendered
         echo = dict(job, wval_used=rendered.wval_used, bval_used=rendered.bval_used)
-        return [_json(echo), _json(_reply_meta(reduced, fn)), rendered.jpeg.data]
+        return [_json(echo), _json(dict(view.meta, fn=fn)), rendered.jpeg.data]
 
     def spots(self, job: Job) -> Frames:
         """Job (with the spots edits) and the meta holding ``spots`` (spec 2.3)."""
@@ -133,8 +155,39 @@ class Service:
 
     # -- shared steps -----------------------------------------------------------------
 
-    def reduced(self, fn: str, params: ViewParams) -> Reduced:
-        """The reduced image for ``fn``/``params``, from the cache or computed once."""
+    def rendered(
+        self, fn: str, params: ViewParams, contrast: ContrastParams, label: LabelParams
+    ) -> RenderedView:
+        """The rendered view, from the JPEG LRU or rendered from the reduced image.
+
+        The file is stat'ed on every request as the worker's identity (permissions keep
+        applying) and its version is part of the key, so a rewritten file is never served
+        stale. The levels used are a function of ``contrast`` and the reduced image's
+        stats, so the requested contrast identifies them.
+        """
+        path = resolve_path(fn)
+        version = stat_version(path)
+        key = _jpeg_key(
+            self.cache.key(version, params.cache_token()),
+            contrast,
+            label,
+            self.settings.jpeg_quality,
+        )
+        view = self.jpegs.get(key)
+        if view is not None:
+            note_outcome("jpeg")
+            return view
+        reduced = self.reduced(fn, params, version=version)
+        rendered = render_jpeg(reduced, contrast, label, quality=self.settings.jpeg_quality)
+        view = RenderedView(rendered, reduced.meta)
+        self.jpegs.put(key, view, len(rendered.jpeg.data) + JPEG_ENTRY_OVERHEAD_BYTES)
+        return view
+
+    def reduced(
+        self, fn: str, params: ViewParams, *, version: FileVersion | None = None
+    ) -> Reduced:
+        """The reduced image for ``fn``/``params``, from the cache or computed once
+        (``version``: the caller's fresh stat of the file, if it has one)."""
         path = resolve_path(fn)
 
         def compute(version: FileVersion) -> Reduced:
@@ -147,7 +200,7 @@ class Service:
                 max_xsize=self.settings.max_xsize,
             )
 
-        return self.cache.get(path, params.cache_token(), compute)
+        return self.cache.get(path, params.cache_token(), compute, version=version)
 
     def close(self) -> None:
         """Close readers and Redis connections."""
@@ -229,7 +282,13 @@ def build_service(settings: Settings, identity: Identity, *, threads: int | None
 
 
 def resolve_path(fn: str) -> str:
-    """``fn`` as the original opened it: absolute, or relative to the cwd (ESAF home)."""
+    """``fn`` as the original opened it: absolute, or relative to the cwd (ESAF home).
+
+    A NUL byte (JSON allows it as an escape) names no file: every OS call would raise
+    ValueError, so it is refused here as unavailable data like any other bad path.
+    """
+    if "\0" in fn:
+        raise DataUnavailable(f"no such file (the path contains a NUL byte): {fn!r}")
     return fn if os.path.isabs(fn) else os.path.join(os.getcwd(), fn)
 
 
@@ -253,6 +312,13 @@ def _reply_meta(reduced: Reduced, fn: str) -> dict[str, Any]:
     meta = dict(reduced.meta)
     meta["fn"] = fn
     return meta
+
+
+def _jpeg_key(reduced_key: str, contrast: ContrastParams, label: LabelParams, quality: int) -> str:
+    """JPEG LRU key: the reduced image's key plus everything else the bytes depend on
+    (the label text is hashed: it is client-chosen and may be long)."""
+    text = hashlib.sha256(label.text.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+    return f"{reduced_key}|w{contrast.wval}|c{contrast.contrast}|q{quality}|l{label.height}-{text}"
 
 
 def _reason(exc: BaseException) -> str:

@@ -14,7 +14,7 @@ import hmac
 import math
 from typing import Any
 
-from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
+from itsdangerous import BadData, BadSignature, SignatureExpired, URLSafeTimedSerializer
 
 from istasks.errors import EnvelopeError
 
@@ -45,6 +45,8 @@ def open_envelope(key: bytes, queue: str, token: str, max_age_s: float) -> dict[
         raise EnvelopeError("task envelope expired") from exc
     except BadSignature as exc:
         raise EnvelopeError("task envelope signature invalid") from exc
+    except BadData as exc:  # signed, but the payload does not decode (e.g. nested too deep)
+        raise EnvelopeError("task envelope payload unreadable") from exc
     if not isinstance(data, dict) or data.get("q") != queue or not isinstance(data.get("p"), dict):
         raise EnvelopeError("task envelope is for another queue")
     payload: dict[str, Any] = data["p"]

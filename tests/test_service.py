@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from istasks.cache import report_outcome
 from istasks.errors import IsError
 from istasks.service import Service, build_service
 from istasks.settings import Settings
@@ -156,3 +157,60 @@ def test_rewritten_file_is_not_served_stale(service: Service, tmp_path: Path) ->
     second = json.loads(service.spots({"fn": str(master), "xsize": 64})[1])
     assert second["x_pixels_in_detector"] == 256 != first["x_pixels_in_detector"]
     assert service.cache.stats()["computed"] == 2
+
+
+def _jpeg_outcome(service: Service, job: dict[str, object]) -> tuple[str, list[bytes]]:
+    with report_outcome() as report:
+        frames = service.jpeg(job)
+    return report.outcome, frames
+
+
+def test_repeated_identical_view_is_served_from_the_jpeg_lru(
+    service: Service, master: Path
+) -> None:
+    job = {"type": "jpeg", "fn": str(master), "frame": 2, "xsize": 128, "contrast": 40,
+           "label": "x", "labelHeight": 16}  # fmt: skip
+    first = _jpeg_outcome(service, job)
+    again = _jpeg_outcome(service, {**job, "tag": "reload"})
+    assert (first[0], again[0]) == ("computed", "jpeg")
+    assert again[1][1:] == first[1][1:]  # same meta and JPEG bytes
+    assert json.loads(again[1][0])["tag"] == "reload"  # the echo is this request's job
+    # The reduced cache was not asked again: no contrast, encode or Redis work.
+    assert service.cache.stats() == {"computed": 1, "hits": 0, "lru_hits": 0}
+    assert len(service.jpegs) == 1
+    # Anything the bytes depend on is in the key: label, contrast.
+    for other in ({**job, "label": "y"}, {**job, "labelHeight": 20}, {**job, "wval": 7}):
+        outcome, frames = _jpeg_outcome(service, other)
+        assert outcome == "lru" and frames[2] != first[1][2]
+    relative_fn = _jpeg_outcome(service, {**job, "fn": f"{master.parent}/../data/{master.name}"})
+    assert json.loads(relative_fn[1][1])["fn"] == f"{master.parent}/../data/{master.name}"
+
+
+def test_jpeg_lru_never_serves_a_rewritten_or_unreadable_file(
+    service: Service, tmp_path: Path
+) -> None:
+    data = tmp_path / "data"
+    master = write_eiger(data, "y", nimages=1, shape=(128, 128), seed=1)
+    job = {"type": "jpeg", "fn": str(master), "xsize": 64}
+    first = service.jpeg(job)
+    assert _jpeg_outcome(service, job)[0] == "jpeg"
+    fresh = write_eiger(tmp_path / "fresh", "y", nimages=1, shape=(256, 256), seed=2)
+    for path in fresh.parent.iterdir():
+        path.replace(data / path.name)
+    outcome, second = _jpeg_outcome(service, job)
+    assert outcome == "computed"
+    assert json.loads(second[1])["x_pixels_in_detector"] == 256
+    master.unlink()  # stat'ed on every request: the cached reply is not shown
+    outcome, gone = _jpeg_outcome(service, job)
+    assert outcome == "none" and "error" in json.loads(gone[0]) and gone[1] == b""
+    assert first[2] != second[2]
+
+
+def test_jpeg_lru_budget_zero_turns_it_off(redis_url: str, master: Path) -> None:
+    svc = build_service(Settings(redis_url=redis_url, jpeg_lru_max_bytes=0), IDENT)
+    try:
+        job = {"type": "jpeg", "fn": str(master), "xsize": 64}
+        outcomes = [_jpeg_outcome(svc, job)[0] for _ in range(2)]
+        assert outcomes == ["computed", "lru"] and len(svc.jpegs) == 0
+    finally:
+        svc.close()

@@ -8,7 +8,22 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import numpy.typing as npt
 
+from istasks.errors import DataUnavailable
+
 Meta = dict[str, Any]
+
+#: Largest frame a reader loads, in pixels (256 MB at 32 bits). The largest detectors
+#: served have ~18 M pixels (Eiger2 16M); a header claiming more is corrupt or hostile,
+#: and trusting it would make a worker allocate (and fill) gigabytes.
+MAX_FRAME_PIXELS = 1 << 26
+
+
+def check_frame_size(rows: int, cols: int, path: str) -> None:
+    """DataUnavailable when a ``rows`` x ``cols`` frame exceeds :data:`MAX_FRAME_PIXELS`."""
+    if rows * cols > MAX_FRAME_PIXELS:
+        raise DataUnavailable(
+            f"{path}: frame of {rows} x {cols} pixels exceeds the limit of {MAX_FRAME_PIXELS}"
+        )
 
 
 class PixelMask:

@@ -18,7 +18,7 @@ import numpy as np
 import numpy.typing as npt
 from fabio.compression import decByteOffset
 
-from istasks.core.readers.base import Frame, Meta
+from istasks.core.readers.base import Frame, Meta, check_frame_size
 from istasks.core.readers.detect import CBF_MAGIC, FileProbe
 from istasks.core.readers.negatives import unsigned_with_mask
 from istasks.errors import DataUnavailable, UnknownFormat
@@ -215,6 +215,8 @@ class CbfReader:
             # Byte-offset needs at least one byte per pixel: the dimensions are corrupt,
             # and trusting them would allocate an arbitrarily large array.
             raise DataUnavailable(f"CBF dimensions {section.fast}x{section.slow} exceed its data")
+        # A (sparse) file as large as its header claims still must not be read whole.
+        check_frame_size(section.slow, section.fast, self.path)
         raw = self._probe.read_at(section.data_offset, section.size_bytes)
         try:
             # "int32" selects fabio's 32-bit decoder; any other type decodes to int64.

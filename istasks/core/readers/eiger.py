@@ -22,16 +22,14 @@ import numpy as np
 import numpy.typing as npt
 
 from istasks.core import bslz4
-from istasks.core.readers.base import Frame, Meta, PixelMask
+from istasks.core.readers.base import MAX_FRAME_PIXELS, Frame, Meta, PixelMask
 from istasks.core.readers.eiger_frames import DataLink, FrameTable, open_hdf5
+from istasks.core.readers.eiger_mask import read_mask
 from istasks.core.readers.eiger_meta import H5_ERRORS, PIXEL_MASK_PATH, read_detector_meta
 from istasks.errors import DataUnavailable, FrameNotFound, UnknownFormat
 
 log = logging.getLogger(__name__)
 
-#: Mask bits that make a pixel invalid (NeXus: gap, dead, under/over-responding, noisy...).
-#: Higher bits (e.g. 31, virtual pixel) are informational.
-INVALID_MASK_BITS = 0xFF
 _DEPTHS = (2, 4)
 
 
@@ -63,14 +61,13 @@ def _read_mask(master: h5py.File) -> PixelMask | None:
         dataset = master.get(PIXEL_MASK_PATH)
         if not isinstance(dataset, h5py.Dataset):
             return None
-        if dataset.ndim != 2 or dataset.dtype.kind not in "iu":
+        if dataset.ndim != 2 or dataset.dtype.kind not in "iu" or dataset.size > MAX_FRAME_PIXELS:
             log.warning("eiger: ignoring pixel_mask of shape %s", dataset.shape)
             return None
-        bits = np.asarray(dataset[()])
+        return read_mask(dataset)  # shared between masters with the same stored mask
     except H5_ERRORS as exc:
         log.warning("eiger: unreadable pixel_mask (%s); showing the frame unmasked", exc)
         return None
-    return PixelMask((bits & INVALID_MASK_BITS) != 0)
 
 
 def _as_unsigned(pixels: npt.NDArray[Any]) -> npt.NDArray[np.unsignedinteger[Any]]:

@@ -11,7 +11,9 @@ so frames written after the reader opened become visible.
 from __future__ import annotations
 
 import logging
+import os
 import re
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,7 @@ import h5py
 import numpy as np
 
 from istasks.core import bslz4
+from istasks.core.readers.base import MAX_FRAME_PIXELS
 from istasks.core.readers.eiger_meta import H5_ERRORS
 from istasks.errors import DataUnavailable, FrameNotFound, UnknownFormat
 
@@ -35,8 +38,11 @@ def open_hdf5(path: str | Path) -> h5py.File:
 
     HDF5's default file locking is kept so that other code in this process may open the
     same file (HDF5 refuses mixed locking flags); a file locked by its writer, or on a
-    filesystem without locks, is retried without locking.
+    filesystem without locks, is retried without locking. Only regular files are
+    opened: HDF5 opens in blocking mode while holding the GIL, so a FIFO (e.g. a data
+    link pointing at one) would freeze every thread of the worker until a writer came.
     """
+    _require_regular_file(path)
     try:
         try:
             return h5py.File(path, "r")
@@ -50,6 +56,25 @@ def open_hdf5(path: str | Path) -> h5py.File:
         raise DataUnavailable(f"{path}: permission denied") from exc
     except H5_ERRORS as exc:
         raise DataUnavailable(f"{path}: not a readable HDF5 file ({exc})") from exc
+
+
+def _require_regular_file(path: str | Path) -> None:
+    """DataUnavailable unless ``path`` (symlinks followed) is a regular file.
+
+    Checked by path just before HDF5 opens it by path: someone able to swap the file for
+    a FIFO in between could still block one open, as with any path-based open.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError as exc:
+        raise DataUnavailable(f"{path}: no such file") from exc
+    except PermissionError as exc:
+        raise DataUnavailable(f"{path}: permission denied") from exc
+    except (OSError, ValueError) as exc:
+        raise DataUnavailable(f"{path}: cannot be opened ({exc})") from exc
+    if not stat.S_ISREG(mode):
+        kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
+        raise DataUnavailable(f"{path}: {kind}")
 
 
 def _int_attr(attrs: h5py.AttributeManager, name: str) -> int | None:
@@ -150,6 +175,9 @@ class DataLink:
             self.forget(f"dataset is {node.ndim}-D, not [n, rows, cols]")
         elif node.dtype.kind not in "iu" or node.dtype.itemsize not in _PIXEL_SIZES:
             self.forget(f"unsupported pixel type {node.dtype}")
+        elif node.shape[1] * node.shape[2] > MAX_FRAME_PIXELS:
+            rows, cols = node.shape[1:]
+            self.forget(f"frames of {rows} x {cols} pixels exceed the limit of {MAX_FRAME_PIXELS}")
         else:
             low = _int_attr(node.attrs, "image_nr_low")
             high = _int_attr(node.attrs, "image_nr_high")

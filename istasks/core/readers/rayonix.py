@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import tifffile
 
-from istasks.core.readers.base import Frame, Meta
+from istasks.core.readers.base import Frame, Meta, check_frame_size
 from istasks.core.readers.detect import (
     MARCCD_HEADER_BYTES,
     MARCCD_HEADER_OFFSET,
@@ -137,6 +137,8 @@ class RayonixReader:
         header = self._probe.read_at(MARCCD_HEADER_OFFSET, MARCCD_HEADER_BYTES)
         meta = parse_marccd_header(header, order)
         meta.update(fn=self.path, first_frame=1, last_frame=1)
+        # The TIFF tags agree with these (marccd_byteorder checked): one check covers both.
+        check_frame_size(meta["y_pixels_in_detector"], meta["x_pixels_in_detector"], self.path)
         return meta
 
     @property

@@ -15,7 +15,7 @@ import numpy as np
 import numpy.typing as npt
 import tifffile
 
-from istasks.core.readers.base import Frame, Meta
+from istasks.core.readers.base import Frame, Meta, check_frame_size
 from istasks.core.readers.detect import FileProbe
 from istasks.core.readers.negatives import unsigned_with_mask
 from istasks.errors import DataUnavailable, UnknownFormat
@@ -48,6 +48,7 @@ class TiffReader:
         try:
             if len(shape) != 2:
                 raise UnknownFormat(f"TIFF image of shape {shape} is not a 2-D greyscale image")
+            check_frame_size(shape[0], shape[1], path)
             self._depth = image_depth(dtype)
         except BaseException:
             self.close()
