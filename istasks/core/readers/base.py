@@ -73,6 +73,23 @@ class Frame:
     meta: Meta
 
 
+class SingleImage:
+    """What the one-image formats (MarCCD, CBF, TIFF) share: frame is always 1 and the
+    metadata is read once at open; subclasses fill ``_meta``."""
+
+    _meta: Meta
+
+    @property
+    def frame_count(self) -> int:
+        """Always 1: these files hold one image (a requested frame is ignored, as the
+        original ignored it for Rayonix)."""
+        return 1
+
+    def meta(self) -> Meta:
+        """A copy of the metadata read at open."""
+        return dict(self._meta)
+
+
 @runtime_checkable
 class FrameReader(Protocol):
     """An opened detector file. One module per format implements this."""

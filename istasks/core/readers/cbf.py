@@ -18,7 +18,7 @@ import numpy as np
 import numpy.typing as npt
 from fabio.compression import decByteOffset
 
-from istasks.core.readers.base import Frame, Meta, check_frame_size
+from istasks.core.readers.base import Frame, Meta, SingleImage, check_frame_size
 from istasks.core.readers.detect import CBF_MAGIC, FileProbe
 from istasks.core.readers.negatives import unsigned_with_mask
 from istasks.errors import DataUnavailable, UnknownFormat
@@ -156,7 +156,7 @@ def _mime_int(mime: str, key: str) -> int:
     return int(text)
 
 
-class CbfReader:
+class CbfReader(SingleImage):
     """One Pilatus CBF image: ``frame_count`` 1, negatives masked, saturation 0xFFFFFFFF.
 
     Thread-safe: reads use ``pread`` and decoding shares no state.
@@ -187,15 +187,6 @@ class CbfReader:
         mime = head[section_at:starter_at].decode("latin-1")
         section = parse_binary_header(mime, starter_at + len(_STARTER))
         return head[:section_at].decode("utf-8", errors="replace"), section
-
-    @property
-    def frame_count(self) -> int:
-        """Always 1: a mini-CBF holds one image."""
-        return 1
-
-    def meta(self) -> Meta:
-        """A copy of the metadata (Appendix A names) plus ``fn`` and the frame range."""
-        return dict(self._meta)
 
     def read_frame(self, frame: int) -> Frame:
         """The image as fresh uint32 with its gap/bad-pixel mask. ``frame`` is ignored."""

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import tifffile
 
-from istasks.core.readers.base import Frame, Meta, check_frame_size
+from istasks.core.readers.base import Frame, Meta, SingleImage, check_frame_size
 from istasks.core.readers.detect import (
     MARCCD_HEADER_BYTES,
     MARCCD_HEADER_OFFSET,
@@ -114,7 +114,7 @@ def _names_from_comment(comment: str, nslow: int) -> dict[str, str]:
     }
 
 
-class RayonixReader:
+class RayonixReader(SingleImage):
     """One MarCCD TIFF image: ``frame_count`` 1, no mask, saturation 0xFFFF. Thread-safe."""
 
     def __init__(self, path: str) -> None:
@@ -140,15 +140,6 @@ class RayonixReader:
         # The TIFF tags agree with these (marccd_byteorder checked): one check covers both.
         check_frame_size(meta["y_pixels_in_detector"], meta["x_pixels_in_detector"], self.path)
         return meta
-
-    @property
-    def frame_count(self) -> int:
-        """Always 1: a MarCCD file holds one image."""
-        return 1
-
-    def meta(self) -> Meta:
-        """A copy of the header metadata plus ``fn``, ``first_frame``, ``last_frame``."""
-        return dict(self._meta)
 
     def read_frame(self, frame: int) -> Frame:
         """The image as fresh uint16. ``frame`` is ignored as in the original (always 1)."""

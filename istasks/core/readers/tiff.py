@@ -15,7 +15,7 @@ import numpy as np
 import numpy.typing as npt
 import tifffile
 
-from istasks.core.readers.base import Frame, Meta, check_frame_size
+from istasks.core.readers.base import Frame, Meta, SingleImage, check_frame_size
 from istasks.core.readers.detect import FileProbe
 from istasks.core.readers.negatives import unsigned_with_mask
 from istasks.errors import DataUnavailable, UnknownFormat
@@ -32,7 +32,7 @@ def image_depth(dtype: np.dtype[Any]) -> int:
     return _DEPTH_BY_ITEMSIZE[dtype.itemsize]
 
 
-class TiffReader:
+class TiffReader(SingleImage):
     """The first image of a TIFF: ``frame_count`` 1, negatives masked. Thread-safe."""
 
     def __init__(self, path: str) -> None:
@@ -64,15 +64,6 @@ class TiffReader:
             "first_frame": 1,
             "last_frame": 1,
         }
-
-    @property
-    def frame_count(self) -> int:
-        """Always 1 (the first page)."""
-        return 1
-
-    def meta(self) -> Meta:
-        """A copy of the metadata: size, depth, default beam centre, frame range."""
-        return dict(self._meta)
 
     def read_frame(self, frame: int) -> Frame:
         """The first page as fresh uint16/uint32. ``frame`` is ignored like Rayonix's."""
