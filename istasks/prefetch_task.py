@@ -22,11 +22,10 @@ from typing import TYPE_CHECKING, Any
 from celery import Celery
 
 from istasks.core.params import MIN_XSIZE
-from istasks.errors import EnvelopeError, FrameNotFound, IsError, RequestError
+from istasks.errors import FrameNotFound, IsError, RequestError
 from istasks.jobs import Job, view_params
 from istasks.logs import log_value
 from istasks.replies import error_text
-from queues.envelope import open_envelope
 
 if TYPE_CHECKING:
     from istasks.service import Service
@@ -112,7 +111,9 @@ def run_prefetch(context: WorkerContext, token: object) -> Report:
     job: Job = {}
     rid = "-"
     try:
-        job, rid = _open(context, token)
+        from istasks.tasks import open_job  # tasks imports this module: no cycle at import
+
+        job, rid = open_job(context, token, context.settings.prefetch_max_age_s)
         at_low_priority(lambda: warm(context.service, job))
         report: Report = {"status": DONE}
     except FrameNotFound as exc:  # not written yet, or beyond the data
@@ -130,19 +131,6 @@ def run_prefetch(context: WorkerContext, token: object) -> Report:
         report["status"], (time.perf_counter() - started) * 1000.0,
     )  # fmt: skip
     return report
-
-
-def _open(context: WorkerContext, token: object) -> tuple[Job, str]:
-    """The job and request id of a prefetch envelope sealed for this worker's queue."""
-    if not isinstance(token, str):
-        raise EnvelopeError("task argument is not an envelope")
-    payload = open_envelope(
-        context.queue_key, context.queue, token, context.settings.prefetch_max_age_s
-    )
-    job, rid = payload.get("job"), payload.get("rid")
-    if not isinstance(job, dict):
-        raise EnvelopeError("task envelope carries no job object")
-    return job, str(rid) if rid is not None else "-"
 
 
 def register(app: Celery, context: WorkerContext) -> None:

@@ -81,7 +81,7 @@ def run_task(
     ran, so there is nothing to report."""
     started = time.perf_counter()
     try:
-        job, request_id = _open(context, token)
+        job, request_id = open_job(context, token)
     except EnvelopeError as exc:
         log.warning("%s refused on queue %s: %s", kind, context.queue, exc)
         return {"error": exc.wire_text()}
@@ -147,13 +147,15 @@ def _log_task(
     )
 
 
-def _open(context: WorkerContext, token: object) -> tuple[dict[str, Any], str]:
-    """Verify the envelope; the job and request id inside, or EnvelopeError."""
+def open_job(
+    context: WorkerContext, token: object, max_age_s: float | None = None
+) -> tuple[dict[str, Any], str]:
+    """Verify the envelope (sealed for this worker's queue, at most ``max_age_s`` old,
+    default the task setting); the job and request id inside, or EnvelopeError."""
     if not isinstance(token, str):
         raise EnvelopeError("task argument is not an envelope")
-    payload = open_envelope(
-        context.queue_key, context.queue, token, context.settings.task_max_age_s
-    )
+    max_age = context.settings.task_max_age_s if max_age_s is None else max_age_s
+    payload = open_envelope(context.queue_key, context.queue, token, max_age)
     job, request_id = payload.get("job"), payload.get("rid")
     if not isinstance(job, dict):
         raise EnvelopeError("task envelope carries no job object")
