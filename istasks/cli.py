@@ -89,6 +89,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_up(args: argparse.Namespace) -> int:
     """Run the whole local service in the foreground until Ctrl-C."""
     import logging
+    import shutil
     import signal
     import tempfile
     import time
@@ -103,9 +104,12 @@ def _cmd_up(args: argparse.Namespace) -> int:
         print("isctl up: not root: workers run as the invoking user for every identity")
     stack = Stack.start(run_dir, settings, flower_port=args.flower)
     stopping: list[int] = []
-    signal.signal(signal.SIGTERM, lambda signum, _frame: stopping.append(signum))
+    # Ctrl-C and SIGTERM both end the loop below (installed explicitly: a shell that
+    # starts us in the background leaves SIGINT ignored, and Python then never raises).
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda got, _frame: stopping.append(got))
+    demo = Path(tempfile.mkdtemp(prefix="is-demo-"))
     try:
-        demo = Path(tempfile.mkdtemp(prefix="is-demo-"))
         demo.chmod(0o755)  # the dev identity (nobody when root) must be able to read it
         master = _write_demo(demo)
         pid = stack.add_session([args.esaf], user=dev_user())
@@ -127,7 +131,10 @@ def _cmd_up(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return 0
     finally:
+        # A second Ctrl-C must not abandon the children half-stopped.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         stack.stop()
+        shutil.rmtree(demo, ignore_errors=True)
 
 
 def _write_demo(directory: Path) -> Path:
