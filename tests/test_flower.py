@@ -22,6 +22,7 @@ from istasks.flower import MAX_TASKS, FlowerOptions, flower_argv, flower_env, ma
 from istasks.redisserver import free_port
 from istasks.settings import Settings, reset_settings
 from istasks.status import collect_status
+from tests.processes import terminate
 
 AUTH = "admin:correct-horse"
 
@@ -103,12 +104,7 @@ def _process(args: list[str], env: dict[str, str], log: Path) -> Iterator[subpro
     try:
         yield proc
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        terminate(proc)
 
 
 @contextmanager

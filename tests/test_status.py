@@ -21,6 +21,7 @@ from istasks.redisserver import free_port
 from istasks.settings import Settings, reset_settings
 from istasks.status import collect_status, format_status, main
 from queues.naming import Identity
+from tests.processes import terminate
 
 
 def _settings(redis_url: str, tmp_path: Path) -> Settings:
@@ -162,12 +163,7 @@ def supervisor(redis_url: str, tmp_path: Path) -> Iterator[str]:
             time.sleep(0.05)
         yield str(sock)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        terminate(proc)
 
 
 @pytest.mark.slow

@@ -31,6 +31,7 @@ from istasks.settings import Settings
 from istasks.testdata.eiger import write_eiger
 from queues.envelope import queue_key, seal
 from queues.naming import Identity
+from tests.processes import terminate
 
 SECRET = "celery-test-secret"
 IDENT = Identity(4001, 5001)
@@ -84,13 +85,8 @@ class WorkerProcess:
         return self.log_path.read_text(errors="replace")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGQUIT)  # cold shutdown: do not wait for tasks
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        # Cold shutdown (SIGQUIT): do not wait for tasks.
+        terminate(self.proc, signum=signal.SIGQUIT, timeout_s=10)
 
 
 class ProcessPool:
