@@ -14,8 +14,15 @@ import numpy.typing as npt
 import pytest
 from PIL import Image
 
-from istasks.core.contrast import RED, Levels, contrast_levels, to_8bit
-from istasks.core.jpeg import Encoded, encode_jpeg
+from istasks.core.contrast import (
+    RED,
+    Levels,
+    contrast_levels,
+    marked_view,
+    saturated_indices,
+    to_8bit,
+)
+from istasks.core.jpeg import Encoded, encode_jpeg, encode_view
 from istasks.core.label import MAX_LABEL_CHARS, banner_text, draw_banner
 from istasks.core.params import ContrastParams, LabelParams, ViewParams
 from istasks.core.readers.base import Frame, PixelMask
@@ -227,6 +234,45 @@ def test_encode_grey_and_rgb(rng: np.random.Generator) -> None:
     assert decode(encode_jpeg(grey, quality=90)).mode == "L"
     image = decode(encode_jpeg(rgb, quality=75))
     assert image.mode == "RGB" and image.size == (40, 30)
+
+
+@pytest.mark.parametrize(("height", "width"), [(64, 64), (33, 47), (9, 8), (1, 9), (1, 1)])
+def test_marked_view_encodes_like_its_rgb_image(
+    height: int, width: int, rng: np.random.Generator
+) -> None:
+    """The colour planes made from the grey view and its red pixels give the image that
+    encoding the RGB view gives, to within rounding (far below the JPEG's own error)."""
+    pixels = rng.integers(0, 300, size=(height, width)).astype(np.uint32)
+    red = rng.choice(pixels.size, size=max(1, pixels.size // 20), replace=False)
+    pixels.reshape(-1)[red] = U32_SAT
+    pixels[-1, -1] = U32_SAT  # an odd last row/column is replicated by the subsampling
+    levels = Levels(0, 300)
+    rgb = to_8bit(pixels, U32_SAT, levels)
+    view = marked_view(pixels, levels, saturated_indices(pixels, U32_SAT))
+    via_rgb = np.asarray(decode(encode_jpeg(rgb, quality=95)), dtype=float)
+    via_planes = np.asarray(decode(encode_view(view, quality=95)), dtype=float)
+    assert via_planes.shape == rgb.shape
+    jpeg_error = np.abs(via_rgb - rgb).mean()
+    assert np.abs(via_planes - via_rgb).mean() <= max(jpeg_error / 4, 0.5)
+    r, g, _ = via_planes.reshape(-1, 3)[view.red].T
+    assert (r - g > 20).all()  # red stays red (chroma is shared with 3 grey neighbours)
+
+
+def test_marked_view_without_red_is_a_grey_jpeg(rng: np.random.Generator) -> None:
+    pixels = rng.integers(0, 300, size=(16, 16)).astype(np.uint16)
+    view = marked_view(pixels, Levels(0, 300), saturated_indices(pixels, U16_SAT), top_rows=4)
+    assert view.red.size == 0 and view.grey.shape == (20, 16)
+    assert (view.grey[:4] == 255).all()
+    assert decode(encode_view(view, quality=90)).mode == "L"
+
+
+def test_reduced_finds_its_saturated_pixels_once() -> None:
+    pixels = np.zeros((4, 4), np.uint16)
+    pixels[1, 2] = pixels[3, 0] = U16_SAT
+    reduced = reduced_image(pixels, U16_SAT)
+    first = reduced.saturated()
+    assert first.tolist() == [6, 12]
+    assert reduced.saturated() is first
 
 
 def test_higher_quality_is_closer_and_bigger(rng: np.random.Generator) -> None:

@@ -2,8 +2,10 @@
 
 Dark means strong signal: values at or below the white point ``w`` are white (255), at or
 above the black point ``b`` black (0), in between ``trunc(255 - (v - w) / (b - w) * 255)``;
-saturated pixels are pure red. Without saturated pixels the view is one grey channel
-(a grey JPEG is cheaper, and is.js only displays it); with any, it is RGB.
+saturated pixels are pure red. The view is built as a grey canvas plus the flat indices
+of its red pixels (:class:`MarkedView`): the encoder turns that into a grey JPEG, or into
+colour planes directly, without an RGB image in between (:mod:`istasks.core.jpeg`).
+:func:`to_8bit` composes the RGB image for callers that want pixels.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ MAX_LEVEL = 1 << 32
 #: Widest white..black span converted through a lookup table (the usual auto contrast
 #: spans a few hundred counts); wider spans use the float formula directly.
 _LUT_MAX_SPAN = 1 << 16
+_NONE: npt.NDArray[np.intp] = np.empty(0, np.intp)
+_NONE.flags.writeable = False
 
 
 @dataclass(frozen=True)
@@ -66,26 +70,39 @@ def _finite(value: object) -> float:
     return number if math.isfinite(number) else 0.0
 
 
-def to_8bit(pixels: Pixels, saturation: int, levels: Levels, *, top_rows: int = 0) -> View8:
-    """The 8-bit view, with ``top_rows`` white rows reserved above it for a banner.
+@dataclass(frozen=True)
+class MarkedView:
+    """An 8-bit grey view and the flat indices (into ``grey``) of its pure-red pixels."""
 
-    Grey (rows, width) when no pixel equals ``saturation``, else RGB (rows, width, 3)
-    with saturated pixels red.
-    """
+    grey: View8
+    red: npt.NDArray[np.intp]
+
+
+def marked_view(
+    pixels: Pixels,
+    levels: Levels,
+    saturated: npt.NDArray[np.intp],
+    *,
+    top_rows: int = 0,
+) -> MarkedView:
+    """The grey view with ``top_rows`` white rows above it for a banner; ``saturated``
+    (flat indices into ``pixels``, see :func:`saturated_indices`) become its red pixels."""
     height, width = pixels.shape
-    saturated = _saturated(pixels, saturation)
-    if saturated is None:
-        canvas = np.empty((top_rows + height, width), np.uint8)
-        grey_into(pixels, levels, canvas[top_rows:])
-    else:
-        canvas = np.empty((top_rows + height, width, 3), np.uint8)
-        grey = np.empty((height, width), np.uint8)
-        grey_into(pixels, levels, grey)
-        view = canvas[top_rows:]
-        put_grey(view, grey)
-        # Saturated pixels are few: assign by flat index, not through a boolean image.
-        view.reshape(-1, 3)[np.flatnonzero(saturated)] = RED
+    canvas = np.empty((top_rows + height, width), np.uint8)
     canvas[:top_rows] = 255
+    grey_into(pixels, levels, canvas[top_rows:])
+    return MarkedView(canvas, saturated + top_rows * width)
+
+
+def to_8bit(pixels: Pixels, saturation: int, levels: Levels, *, top_rows: int = 0) -> View8:
+    """The 8-bit view as pixels: grey (rows, width) when no pixel equals
+    ``saturation``, else RGB (rows, width, 3) with saturated pixels red."""
+    view = marked_view(pixels, levels, saturated_indices(pixels, saturation), top_rows=top_rows)
+    if not view.red.size:
+        return view.grey
+    canvas = np.empty((*view.grey.shape, 3), np.uint8)
+    put_grey(canvas, view.grey)
+    canvas.reshape(-1, 3)[view.red] = RED
     return canvas
 
 
@@ -99,15 +116,14 @@ def put_grey(canvas: View8, grey: View8) -> None:
         canvas[..., channel] = grey
 
 
-def _saturated(pixels: Pixels, saturation: int) -> npt.NDArray[np.bool_] | None:
-    """Boolean image of saturated pixels, or None when there is none (the usual case)."""
+def saturated_indices(pixels: Pixels, saturation: int) -> npt.NDArray[np.intp]:
+    """Flat indices of the pixels equal to ``saturation`` (usually none, or a few)."""
     if not 0 <= saturation <= np.iinfo(pixels.dtype).max or pixels.size == 0:
-        return None
+        return _NONE
     # The code is normally the largest value, so one max() settles the usual case.
     if int(pixels.max()) < saturation:
-        return None
-    mask = pixels == pixels.dtype.type(saturation)
-    return mask if mask.any() else None
+        return _NONE
+    return np.flatnonzero(pixels == pixels.dtype.type(saturation))
 
 
 def grey_into(pixels: Pixels, levels: Levels, out: View8) -> None:

@@ -10,14 +10,14 @@ from __future__ import annotations
 import json
 import math
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from istasks.core.contrast import Levels, contrast_levels, put_grey, to_8bit
-from istasks.core.jpeg import Encoded, encode_jpeg
+from istasks.core.contrast import Levels, contrast_levels, marked_view, saturated_indices
+from istasks.core.jpeg import Encoded, encode_jpeg, encode_view
 from istasks.core.label import banner_height, banner_text, draw_banner
 from istasks.core.params import MIN_XSIZE, ContrastParams, LabelParams, ViewParams
 from istasks.core.readers.base import Frame, Meta
@@ -54,6 +54,17 @@ class Reduced:
     pixels: Pixels
     saturation: int
     meta: dict[str, Any]
+    #: Flat indices of the saturated pixels, found on first use (then every new
+    #: contrast of a cached image skips that pass).
+    _saturated: npt.NDArray[np.intp] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
+
+    def saturated(self) -> npt.NDArray[np.intp]:
+        """Flat indices of the pixels at the saturation code (computed once)."""
+        if self._saturated is None:
+            self._saturated = saturated_indices(usable_pixels(self.pixels), self.saturation)
+        return self._saturated
 
     def to_bytes(self) -> bytes:
         """Compact binary form for the cache: a small JSON header, then the raw pixels."""
@@ -139,11 +150,12 @@ def render_jpeg(
     pixels = usable_pixels(reduced.pixels)
     levels: Levels = contrast_levels(contrast, reduced.meta)
     rows = banner_height(label.height)
-    view = to_8bit(pixels, reduced.saturation, levels, top_rows=rows)
+    view = marked_view(pixels, levels, reduced.saturated(), top_rows=rows)
     if rows:
-        banner = draw_banner(view.shape[1], rows, banner_text(label.text, reduced.meta))
-        put_grey(view[:rows], banner)
-    return Rendered(encode_jpeg(view, quality=quality), levels.white, levels.black)
+        view.grey[:rows] = draw_banner(
+            view.grey.shape[1], rows, banner_text(label.text, reduced.meta)
+        )
+    return Rendered(encode_view(view, quality=quality), levels.white, levels.black)
 
 
 def render_blank(
