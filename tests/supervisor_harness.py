@@ -16,7 +16,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from istasks.app import create_app
 from istasks.settings import Settings
 from queues.naming import Identity
 from queues.pool import SupervisorClient
+from tests.processes import wait_for
 
 ROOT = os.geteuid() == 0
 PROJECT = Path(__file__).resolve().parent.parent
@@ -129,15 +129,6 @@ def proc_status(pid: int) -> dict[str, str]:
     with open(f"/proc/{pid}/status") as status:
         lines = [line.rstrip("\n").split(":\t", 1) for line in status if ":\t" in line]
     return {k: v for k, v in lines if k in {"Uid", "Gid", "Groups"}}
-
-
-def wait_for(predicate: Any, timeout_s: float, what: str) -> None:
-    """Poll ``predicate()`` until true; fail the test with ``what`` after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(0.02)
 
 
 class SupervisorProcess:

@@ -18,6 +18,7 @@ from istasks.core.view import Reduced, reduce_frame
 from istasks.errors import DataUnavailable
 from istasks.keys import REDUCED, stats_key
 from istasks.redisserver import free_port
+from tests.processes import wait_for
 
 GID = 5001
 VIEW = ViewParams(xsize=64)
@@ -73,6 +74,33 @@ def test_second_request_hits_lru_and_other_worker_hits_redis(
     keys = redis.Redis.from_url(redis_url).keys(f"{REDUCED}:{GID}:*")
     assert len(keys) == 1
     assert 0 < redis.Redis.from_url(redis_url).ttl(keys[0]) <= 60
+
+
+def test_lru_hits_reach_redis_in_the_background(
+    redis_url: str, image_file: Path, rng: np.random.Generator
+) -> None:
+    """A warm lookup does not wait for Redis: its hit is written by the reporter thread,
+    which refreshes the entry's TTL and counts every hit, however they were batched."""
+    cache = make_cache(redis_url)
+    client = redis.Redis.from_url(redis_url)
+    cache.get(str(image_file), VIEW.cache_token(), Computer(rng))
+    (key,) = client.keys(f"{REDUCED}:{GID}:*")
+    client.expire(key, 5)  # the TTL the hits must push back up to 60 s
+    hits = 50
+    threads = [
+        threading.Thread(
+            target=cache.get, args=(str(image_file), VIEW.cache_token(), Computer(rng))
+        )
+        for _ in range(hits)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    counter = stats_key(GID, "lru_hits")
+    wait_for(lambda: client.get(counter) == str(hits).encode(), 5.0, f"lru_hits {hits}")
+    assert client.ttl(key) > 5
+    cache.close()
 
 
 def test_rewritten_file_is_computed_again(

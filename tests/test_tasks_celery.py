@@ -31,7 +31,7 @@ from istasks.settings import Settings
 from istasks.testdata.eiger import write_eiger
 from queues.envelope import queue_key, seal
 from queues.naming import Identity
-from tests.processes import terminate
+from tests.processes import terminate, wait_for
 
 SECRET = "celery-test-secret"
 IDENT = Identity(4001, 5001)
@@ -181,7 +181,8 @@ def test_jpeg_round_trip(
     assert json.loads(again[1])["bval_used"] == 50
     client = redis.Redis.from_url(redis_url)
     assert client.get(stats_key(IDENT.gid, "computed")) == b"1"
-    assert client.get(stats_key(IDENT.gid, "lru_hits")) == b"1"
+    # LRU hits reach Redis from the worker's background reporter, just after the reply.
+    wait_for(lambda: client.get(stats_key(IDENT.gid, "lru_hits")) == b"1", 5.0, "lru_hits 1")
     # Results are stored under the identity's own prefix, read once and deleted.
     deadline = time.monotonic() + 2
     while client.keys("*celery-task-meta-*") and time.monotonic() < deadline:
