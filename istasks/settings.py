@@ -88,6 +88,8 @@ class Settings:
     metrics_address: str = "127.0.0.1"
     flower_port: int = 5555
     flower_basic_auth: str | None = None
+    # Celery task events (Flower's task views); Flower turns them on while it runs.
+    task_events: bool = True
 
     extra: Mapping[str, str] = field(default_factory=dict)
 

@@ -25,6 +25,7 @@ from typing import Any
 from celery import signals
 from celery.backends.base import BackendStoreError
 from celery.backends.redis import RedisBackend
+from celery.concurrency.thread import ApplyResult, TaskPool
 
 from istasks.app import create_app, master_secret
 from istasks.logs import configure_logging
@@ -75,7 +76,7 @@ def serve(
     worker = app.Worker(
         hostname=node,
         queues=[queue, identity.prefetch_queue],
-        pool_cls="threads",
+        pool_cls=WakingThreadPool,
         concurrency=threads,
         loglevel=settings.log_level,
         quiet=True,
@@ -90,6 +91,35 @@ def serve(
         service.close()
     if worker.exitcode:
         raise SystemExit(worker.exitcode)
+
+
+class WakingThreadPool(TaskPool):  # type: ignore[misc]
+    """Celery's thread pool, waking the consumer's event loop whenever a task ends.
+
+    With ``worker_disable_prefetch`` the consumer stops asking Redis for messages while
+    every thread is busy, and asks again only when its event loop next runs. Nothing
+    wakes that loop when a thread frees up except, by chance, the task event the thread
+    sends. With task events off (``celery control disable_events``, or no Flower to turn
+    them on) 16 clients got 7-11 views/s instead of 110+, waiting up to a second per
+    view; with the wake-up here the loop asks for the next message at once.
+    """
+
+    _hub: Any = None
+
+    def register_with_event_loop(self, loop: Any) -> None:
+        self._hub = loop
+        super().register_with_event_loop(loop)
+
+    def on_apply(self, *args: Any, **kwargs: Any) -> ApplyResult:
+        result: ApplyResult = super().on_apply(*args, **kwargs)
+        hub = self._hub
+        if hub is not None:  # after the task's callbacks: its thread counts as free
+            result.f.add_done_callback(lambda _: hub.call_soon(_ready_for_more))
+        return result
+
+
+def _ready_for_more() -> None:
+    """Nothing to do: running the loop once is what re-arms the consumer."""
 
 
 class StoreOnlyBackend(RedisBackend):  # type: ignore[misc]

@@ -383,6 +383,28 @@ def test_burst_of_large_replies_all_arrive(
     assert "result listener lost Redis" not in caplog.text
 
 
+def test_a_busy_worker_takes_the_next_task_as_soon_as_a_thread_frees(
+    redis_url: str, workdir: Path, dispatcher: CeleryDispatcher, master: Path
+) -> None:
+    """With its one thread busy a worker stops asking for messages; when the task ends
+    it must ask again at once, also with task events off (IS_TASK_EVENTS=0: no task
+    event wakes its event loop). Before the fix the loop slept until a timer fired,
+    about a second per queued task: 18 s here for 20 views."""
+    env = {"IS_WORKER_CONCURRENCY": "1", "IS_TASK_EVENTS": "0"}
+    worker = WorkerProcess(redis_url, IDENT.queue, workdir, env)
+    worker.wait_ready()
+    try:
+        started = time.monotonic()
+        job = {"type": "jpeg", "fn": str(master), "xsize": 1024}
+        futures = [dispatcher.submit(IDENT, "jpeg", {**job, "wval": n}, f"q{n}") for n in range(20)]
+        replies = [f.result(timeout=60) for f in futures]
+        elapsed_s = time.monotonic() - started
+    finally:
+        worker.stop()
+    assert [json.loads(r[1])["wval_used"] for r in replies] == list(range(20))
+    assert elapsed_s < 8.0, f"20 queued views took {elapsed_s:.1f} s"
+
+
 def test_interactive_queue_goes_before_prefetch(
     redis_url: str, workdir: Path, master: Path
 ) -> None:
