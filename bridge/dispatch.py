@@ -41,6 +41,7 @@ from celery.backends.redis import RedisBackend
 from bridge.outcome import Outcome, Reply, exception_outcome
 from bridge.progress import ProgressRelay, parse_progress
 from istasks.app import TASK_NAMES, master_secret
+from istasks.broker import use_pooled_client
 from istasks.errors import IsError, WorkerUnavailable
 from istasks.jobs import str_field
 from istasks.keys import PROGRESS, RESULTS, result_prefix
@@ -125,6 +126,7 @@ class CeleryDispatcher:
             raise ValueError("no result backend: set IS_RESULT_URL or IS_REDIS_URL")
         # Before anything creates the (per-thread) backend: see PublishOnlyBackend.
         app.conf.result_backend = f"{__name__}:PublishOnlyBackend+{settings.results}"
+        use_pooled_client(app, settings.broker)
         self._app = app
         self._settings = settings
         self._pool = pool

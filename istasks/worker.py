@@ -28,6 +28,7 @@ from celery.backends.redis import RedisBackend
 from celery.concurrency.thread import ApplyResult, TaskPool
 
 from istasks.app import create_app, master_secret
+from istasks.broker import use_pooled_client
 from istasks.logs import configure_logging
 from istasks.settings import Settings, get_settings
 from queues.envelope import queue_key as derive_queue_key
@@ -63,6 +64,7 @@ def serve(
     app = create_app(settings, identity)
     # Before anything creates the (per-thread) backend: see StoreOnlyBackend.
     app.conf.result_backend = f"{__name__}:StoreOnlyBackend+{settings.results}"
+    use_pooled_client(app, settings.broker)
     register(app, WorkerContext(queue, queue_key, settings, service))
     node = hostname or f"is_{identity.uid}_{identity.gid}@{socket.gethostname()}"
 
