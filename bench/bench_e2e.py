@@ -10,13 +10,16 @@ Eiger2 X 16M dataset (4362 x 4148 uint32, bitshuffle+LZ4). Figures:
 * cold view, new dataset: also opens the master (mask, frame table), as a user's first
   look at a run does; the data file is shared with the open dataset (page cache warm);
 * 16 clients, each with its own REQ socket, asking warm views for ~10 s: views/s and
-  replies lost (sent but never answered within the timeout).
+  replies lost (sent but never answered within the timeout). Once the same view each
+  time (the worker's rendered-JPEG LRU answers), once a new contrast on every request
+  (contrast + encode run for every view).
 
 Run: ``.venv/bin/python -m bench e2e``.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -154,8 +157,12 @@ def warm_rows(target: Target) -> list[dict[str, Any]]:
     ]
 
 
-def client_loop(endpoint: str, payload: bytes, stop_at: float, counts: LoadCounts) -> None:
-    """One client: its own REQ socket, one request at a time until ``stop_at``.
+def client_loop(
+    endpoint: str, job: dict[str, Any], stop_at: float, counts: LoadCounts, contrasts: Contrasts
+) -> None:
+    """One client: its own REQ socket, one request at a time until ``stop_at``; with
+    ``contrasts``, each request asks a contrast never asked before (so the worker renders
+    every view from the cached reduced image instead of its rendered-JPEG LRU).
 
     A REQ socket that timed out is stuck, so it is replaced (as is.js would reconnect).
     """
@@ -163,11 +170,13 @@ def client_loop(endpoint: str, payload: bytes, stop_at: float, counts: LoadCount
     sock: zmq.Socket[Any] | None = None
     sent = received = errors = timeouts = 0
     latencies: list[float] = []
+    fixed = json.dumps(job).encode()
     while time.monotonic() < stop_at:
         if sock is None:
             sock = context.socket(zmq.REQ)
             sock.setsockopt(zmq.LINGER, 0)
             sock.connect(endpoint)
+        payload = json.dumps({**job, "contrast": next(contrasts)}).encode() if contrasts else fixed
         started = time.perf_counter()
         sock.send(payload)
         sent += 1
@@ -190,14 +199,18 @@ def client_loop(endpoint: str, payload: bytes, stop_at: float, counts: LoadCount
         counts.latencies_ms += latencies
 
 
-def run_clients(endpoint: str, jobs: list[dict[str, Any]], duration_s: float) -> LoadCounts:
-    """One thread per job (each its own REQ socket) for ``duration_s``; their counts."""
+def run_clients(
+    endpoint: str, jobs: list[dict[str, Any]], duration_s: float, *, new_contrast: bool = False
+) -> LoadCounts:
+    """One thread per job (each its own REQ socket) for ``duration_s``; their counts.
+    ``new_contrast``: every request of every client asks a contrast not asked before."""
     counts = LoadCounts()
     stop_at = time.monotonic() + duration_s
+    contrasts = Contrasts(new_contrast)
     threads = [
         threading.Thread(
             target=client_loop,
-            args=(endpoint, json.dumps(job).encode(), stop_at, counts),
+            args=(endpoint, job, stop_at, counts, contrasts),
             name=f"bench-client-{n}",
         )
         for n, job in enumerate(jobs)
@@ -207,6 +220,23 @@ def run_clients(endpoint: str, jobs: list[dict[str, Any]], duration_s: float) ->
     for thread in threads:
         thread.join()
     return counts
+
+
+class Contrasts:
+    """Contrast values shared by the clients of one run, each handed out once and none
+    asked by the single-client rows before (false when the run asks one fixed view)."""
+
+    def __init__(self, enabled: bool, start: int = 10_000) -> None:
+        self._enabled = enabled
+        self._values = itertools.count(start)
+        self._lock = threading.Lock()
+
+    def __bool__(self) -> bool:
+        return self._enabled
+
+    def __next__(self) -> int:
+        with self._lock:
+            return next(self._values)
 
 
 def load_rows(
@@ -228,21 +258,24 @@ def load_rows(
 
 
 def concurrent_rows(target: Target) -> list[dict[str, Any]]:
-    """:data:`CONCURRENT_CLIENTS` clients asking warm views of frame 1 for ~10 s, and
-    the CPU time each service process spent per view meanwhile (where the time goes)."""
-    jobs = [target.job(target.master, 1)] * CONCURRENT_CLIENTS
-    pids = service_pids(target.stack)
-    cpu_before = {name: cpu_s(pid) for name, pid in pids.items()}
-    started = time.monotonic()
-    counts = run_clients(target.stack.endpoint, jobs, CONCURRENT_S)
-    elapsed_s = time.monotonic() - started
-    label = f"{CONCURRENT_CLIENTS} clients, 1 identity"
-    rows = load_rows(label, counts, elapsed_s, 150.0)
-    views = max(counts.received, 1)
-    for name, pid in pids.items():
-        rows.append({"name": f"{label}: CPU per view in the {name}", "target": "",
-                     "measured": (cpu_s(pid) - cpu_before[name]) * 1000 / views,
-                     "unit": "ms"})  # fmt: skip
+    """:data:`CONCURRENT_CLIENTS` clients asking warm views of frame 1 for ~10 s, the
+    same view each time and then a new contrast each time, with the CPU time each
+    service process spent per view meanwhile (where the time goes)."""
+    rows = []
+    for new_contrast, what in ((False, "same view"), (True, "new contrast each")):
+        jobs = [target.job(target.master, 1)] * CONCURRENT_CLIENTS
+        pids = service_pids(target.stack)
+        cpu_before = {name: cpu_s(pid) for name, pid in pids.items()}
+        started = time.monotonic()
+        counts = run_clients(target.stack.endpoint, jobs, CONCURRENT_S, new_contrast=new_contrast)
+        elapsed_s = time.monotonic() - started
+        label = f"{CONCURRENT_CLIENTS} clients, 1 identity, {what}"
+        rows += load_rows(label, counts, elapsed_s, 150.0)
+        views = max(counts.received, 1)
+        for name, pid in pids.items():
+            rows.append({"name": f"{label}: CPU per view in the {name}", "target": "",
+                         "measured": (cpu_s(pid) - cpu_before[name]) * 1000 / views,
+                         "unit": "ms"})  # fmt: skip
     return rows
 
 
