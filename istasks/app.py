@@ -97,8 +97,9 @@ def celery_config(settings: Settings, identity: Identity | None = None) -> dict[
         # Logging is ours (module loggers, one line per task); events feed Flower.
         "worker_hijack_root_logger": False,
         "worker_redirect_stdouts": False,
-        # Flower turns task events on in every worker every few seconds while it runs;
-        # without a monitor, IS_TASK_EVENTS=0 spares each task three publishes.
+        # Task events are three publishes per task: off unless IS_TASK_EVENTS (Celery's
+        # default too), because Flower turns them on in every worker, every few seconds,
+        # while it runs; nobody else reads them.
         "worker_send_task_events": settings.task_events,
         "task_send_sent_event": False,
         "worker_enable_remote_control": True,

@@ -88,8 +88,9 @@ class Settings:
     metrics_address: str = "127.0.0.1"
     flower_port: int = 5555
     flower_basic_auth: str | None = None
-    # Celery task events (Flower's task views); Flower turns them on while it runs.
-    task_events: bool = True
+    # Celery task events (Flower's task views). Off, as in Celery: Flower turns them on
+    # in every worker while it runs.
+    task_events: bool = False
 
     extra: Mapping[str, str] = field(default_factory=dict)
 

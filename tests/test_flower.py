@@ -185,3 +185,15 @@ def test_sees_a_real_worker_but_not_idle_queues(redis_url: str, tmp_path: Path) 
         rows = collect_status(Settings(redis_url=redis_url, supervisor_socket="/nonexistent"))
         backlog = {row["queue"]: row["backlog"] for row in rows["queues"]}
         assert backlog["2000:2000"] == 1
+        # Workers send no task events of their own (IS_TASK_EVENTS off): Flower turns
+        # them on while it watches, so the tasks the worker runs show in its task list.
+        app = create_app(Settings(redis_url=redis_url))
+        deadline = time.monotonic() + 30
+        tasks: dict[str, dict[str, object]] = {}
+        while not tasks:
+            assert time.monotonic() < deadline, "Flower never saw a task of the worker"
+            app.send_task("is.jpeg", args=["not an envelope"], queue="1000:1000")
+            time.sleep(1.0)
+            tasks = json.loads(_get(base + "/api/tasks?workername=" + node, auth=AUTH)[1])
+        app.close()
+        assert {task["name"] for task in tasks.values()} == {"is.jpeg"}
