@@ -13,7 +13,7 @@ from typing import Any
 
 from celery import Celery
 
-from istasks.keys import result_prefix, unacked_keys
+from istasks.keys import result_prefix
 from istasks.settings import Settings, get_settings
 from queues.naming import Identity
 
@@ -29,12 +29,9 @@ def celery_config(settings: Settings, identity: Identity | None = None) -> dict[
     """Celery settings derived from ours; every choice that differs from Celery's default
     is explained here because several are security or latency decisions.
 
-    ``identity``: the configuration of that identity's worker, whose result and
-    in-flight keys are its own (:func:`worker_isolation`); None for the bridge and tools.
+    ``identity``: the configuration of that identity's worker, whose result keys are
+    its own (:func:`worker_isolation`); None for the bridge and tools.
     """
-    # Minimum time a reserved-but-unacked message may sit before Redis redelivers it:
-    # above the longest task we run, so no duplicate is ever made (field notes 3.6).
-    visibility_timeout_s = max(3600.0, 2.0 * settings.index_timeout_s)
     config = {
         "broker_url": settings.broker,
         "result_backend": settings.results,
@@ -55,8 +52,8 @@ def celery_config(settings: Settings, identity: Identity | None = None) -> dict[
         # private buffer. Measured: no latency cost (BRPOP is already waiting).
         "worker_prefetch_multiplier": 1,
         "worker_disable_prefetch": True,
-        # Early ack on purpose: with acks_late an unacked task older than the
-        # visibility timeout is redelivered and runs twice (field notes 3.6); a lost
+        # Early ack on purpose: a task is acknowledged when a thread takes it, so it never
+        # runs twice (with acks_late Redis redelivers a long one: field notes 3.6); a lost
         # view request is simply retried by the user, a duplicated index job is not.
         "task_acks_late": False,
         "task_reject_on_worker_lost": False,
@@ -78,7 +75,13 @@ def celery_config(settings: Settings, identity: Identity | None = None) -> dict[
         # small reply ~3 ms, of a 1024 px JPEG ~11 ms (bench/bench_tasks.py).
         "broker_transport_options": {
             "queue_order_strategy": "priority",
-            "visibility_timeout": visibility_timeout_s,
+            # No ack emulation: kombu would record every delivered message in an
+            # "unacked" hash, a Redis round trip on delivery and another on ack (0.4 ms
+            # of every view's path, measured), to redeliver it after a visibility
+            # timeout. Tasks are acked the moment a thread takes them, so that would
+            # guard a millisecond, and a redelivered view is past its expiry anyway. A
+            # worker that stops cleanly still puts back what it took and did not start.
+            "ack_emulation": False,
             "socket_connect_timeout": 2.0,
         },
         "result_backend_transport_options": {"socket_connect_timeout": 2.0},
@@ -112,35 +115,19 @@ def celery_config(settings: Settings, identity: Identity | None = None) -> dict[
 
 
 def worker_isolation(config: dict[str, Any], identity: Identity) -> dict[str, Any]:
-    """Transport options that give one identity's worker Redis keys of its own, so that
-    its ACL user (queues.acl) reaches no other identity's results or in-flight tasks.
+    """Result options that give one identity's worker Redis keys of its own, so that its
+    ACL user (queues.acl) reaches no other identity's results.
 
-    Results: every key and channel gets the prefix ``is:res:<uid>:<gid>:`` (Celery's
+    Every result key and channel gets the prefix ``is:res:<uid>:<gid>:`` (Celery's
     ``global_keyprefix``, Celery >= 5.3). The bridge knows each task's identity and
     reads exactly there (bridge.dispatch), so a worker can neither read another ESAF's
-    images nor forge another identity's replies.
-
-    In-flight messages: kombu's ack emulation keeps every delivered, unacked message in
-    one hash (``unacked``, shared by all queues); each worker gets its own instead.
-    Restores then stay within the identity too: kombu puts a message back on its queue
-    when the worker stops cleanly (its own deliveries) or, from a consumer of the same
-    hash, once it is older than the visibility timeout. So what a killed worker left is
-    restored only by the identity's next worker, after the visibility timeout (>= 1 h),
-    and by nobody if none ever starts; messages in the old shared hash are never
-    restored. That costs nothing here: a task is acked as soon as a thread takes it (the
-    hash holds it for milliseconds), and a restored task would be past its ``expires``.
+    images nor forge another identity's replies. (Without ack emulation, see
+    :func:`celery_config`, workers keep no in-flight messages in Redis at all.)
     """
-    unacked = unacked_keys(identity.uid, identity.gid)
     return {
         "result_backend_transport_options": {
             **config["result_backend_transport_options"],
             "global_keyprefix": result_prefix(identity.uid, identity.gid),
-        },
-        "broker_transport_options": {
-            **config["broker_transport_options"],
-            "unacked_key": unacked.unacked_key,
-            "unacked_index_key": unacked.unacked_index_key,
-            "unacked_mutex_key": unacked.unacked_mutex_key,
         },
     }
 

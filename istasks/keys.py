@@ -2,15 +2,14 @@
 
 Cache keys start with the ESAF gid (``is:r:<gid>:``) so that a per-gid Redis ACL user
 (``~is:r:<gid>:*``) can be given exactly its own ESAF's entries. For the same reason a
-worker's Celery results, its kombu in-flight hash and its index progress channel are
-named after its identity (``<uid>:<gid>``): queues.acl grants each worker only its own.
+worker's Celery results and its index progress channel are named after its identity
+(``<uid>:<gid>``): queues.acl grants each worker only its own.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass
 
 PREFIX = "is"
 REDUCED = f"{PREFIX}:r"  # reduced full-depth images, per gid
@@ -20,7 +19,6 @@ WORKERS = f"{PREFIX}:workers"  # supervisor's registry of live workers
 ENSURE = f"{PREFIX}:ensure"  # supervisor request channel
 PROGRESS = f"{PREFIX}:progress"  # progress channels (index: one per identity)
 RESULTS = f"{PREFIX}:res"  # Celery result keys and channels, per identity
-UNACKED = f"{PREFIX}:unacked"  # kombu's hash of delivered, unacked messages, per identity
 
 _PROGRESS_RE = re.compile(re.escape(PROGRESS) + r":(0|[1-9][0-9]{0,9}):(0|[1-9][0-9]{0,9})")
 
@@ -55,21 +53,6 @@ def result_prefix(uid: int, gid: int) -> str:
     """Celery ``global_keyprefix`` of an identity's worker: its results are stored and
     published under ``is:res:<uid>:<gid>:celery-task-meta-<task id>``."""
     return f"{RESULTS}:{uid}:{gid}:"
-
-
-@dataclass(frozen=True)
-class UnackedKeys:
-    """kombu's ack-emulation keys (transport options of the same names) of one worker."""
-
-    unacked_key: str
-    unacked_index_key: str
-    unacked_mutex_key: str
-
-
-def unacked_keys(uid: int, gid: int) -> UnackedKeys:
-    """The identity's own in-flight hash, its index and its restore mutex."""
-    base = f"{UNACKED}:{uid}:{gid}"
-    return UnackedKeys(base, f"{base}:index", f"{base}:mutex")
 
 
 def progress_channel(uid: int, gid: int) -> str:

@@ -30,7 +30,6 @@ from queues.naming import parse_queue_name
 #: hash of delivered-but-unacknowledged messages, and its default priority steps.
 BINDING_PREFIX = "_kombu.binding."
 PRIORITY_SEP = "\x06\x16"
-UNACKED_KEY = "unacked"  # kombu's shared hash, used by non-identity queues
 DEFAULT_PRIORITY_STEPS = (0, 3, 6, 9)
 #: Exchanges of Celery's remote control and events: their queues are not task queues.
 _INTERNAL_EXCHANGES = ("celery.pidbox", "reply.celery.pidbox", "celeryev")
@@ -69,7 +68,6 @@ def collect_status(settings: Settings) -> dict[str, Any]:
         status["other_queues"] = [
             {"queue": q, **_backlog(client, q, steps, scan)} for q in sorted(scan.other)
         ]
-        status["unacked"] = _unacked(client, identity_queues)
         status["workers"] = _workers(settings, client)
         _attach_worker_states(status["queues"], status["workers"])
     except (redis.ConnectionError, redis.TimeoutError) as exc:
@@ -131,20 +129,6 @@ def _find_queues(client: redis.Redis) -> _QueueScan:
             if sep:
                 scan.sublists.setdefault(base, set()).add(name)
     return scan
-
-
-def _unacked(client: redis.Redis, identity_queues: Iterable[str]) -> int:
-    """Messages delivered but not yet acknowledged: kombu's shared hash plus each
-    identity worker's own (istasks.app.worker_isolation gives every worker its own)."""
-    names = [UNACKED_KEY]
-    for queue in identity_queues:
-        ident, prefetch = parse_queue_name(queue)
-        if not prefetch:
-            names.append(keys.unacked_keys(ident.uid, ident.gid).unacked_key)
-    with client.pipeline(transaction=False) as pipe:
-        for name in names:
-            pipe.hlen(name)
-        return sum(int(n) for n in pipe.execute())
 
 
 def _backlog(
@@ -260,7 +244,6 @@ def format_status(status: dict[str, Any]) -> str:
     lines += _queue_table(status.get("queues", []))
     for row in status.get("other_queues", []):
         lines.append(f"other queue {row['queue']}: backlog {row['backlog']}")
-    lines.append(f"delivered, not yet acknowledged (all queues): {status.get('unacked', 0)}")
     lines += _format_workers(status.get("workers", {}))
     return "\n".join(lines)
 

@@ -4,8 +4,8 @@
 consumes exactly ``UID:GID`` and ``UID:GID:prefetch``, in that priority order, with
 node name ``is_<uid>_<gid>@<host>``. The process holds its queue's envelope key (given
 by the supervisor, or ``IS_QUEUE_KEY``; dev only: derived from the master secret) and
-refuses any task not sealed for its queue. Its Celery app stores results and in-flight
-messages under keys of its own identity (:func:`istasks.app.worker_isolation`).
+refuses any task not sealed for its queue. Its Celery app stores results under keys of
+its own identity (:func:`istasks.app.worker_isolation`).
 
 Pool: threads. A request is mostly numpy/h5py/libjpeg work that releases the GIL, the
 in-process LRU and open readers are shared by every thread (prefork would keep one copy
@@ -128,9 +128,9 @@ class StoreOnlyBackend(RedisBackend):  # type: ignore[misc]
     """The worker's result backend: stores a result without reading its key first.
 
     Celery GETs the key before every store so that a redelivered task cannot overwrite
-    an earlier SUCCESS. Here no task is ever redelivered (acked when taken, visibility
-    timeout above the longest task: istasks.app) and every task id is new (the bridge
-    makes one per request), so that GET was a wasted Redis round trip per request
+    an earlier SUCCESS. Here no task is ever redelivered (acked when a thread takes it,
+    no ack emulation: istasks.app) and every task id is new (the bridge makes one per
+    request), so that GET was a wasted Redis round trip per request
     (0.3-0.4 ms of a warm view in the e2e bench).
     """
 

@@ -5,13 +5,13 @@ names the supervisor instance, so that two supervisors sharing a Redis never rem
 other's users) with a fresh random password, handed over only inside the worker's
 broker/result/cache URLs. The user may touch the cache keys of its ESAF gid
 (:func:`istasks.keys.gid_pattern`), the keys of its own two queues, its own results
-(keys and channels under ``is:res:<uid>:<gid>:``), its own in-flight hash
-(``is:unacked:<uid>:<gid>``), its own progress channel and the few shared keys kombu's
+(keys and channels under ``is:res:<uid>:<gid>:``), its own progress channel and the few
+shared keys kombu's
 Redis transport needs for remote control (found by watching a real worker with MONITOR
 and ACL LOG). The worker's Celery app names those keys after its identity
 (:func:`istasks.app.worker_isolation`). It cannot list keys (no KEYS/SCAN), subscribe to
 anything but the remote-control broadcast, or run admin commands, so a worker of ESAF B
-gets NOPERM on ESAF A's cached images, A's results (JPEGs of A's frames), A's in-flight
+gets NOPERM on ESAF A's cached images, A's results (JPEGs of A's frames) and A's queued
 envelopes, and cannot publish a forged result for A.
 
 Needs Redis >= 7.0 (read/write key permissions and selectors) and an admin connection;
@@ -31,7 +31,7 @@ from urllib.parse import parse_qs, quote, urlsplit, urlunsplit
 import redis
 
 from istasks.errors import WorkerUnavailable
-from istasks.keys import gid_pattern, progress_channel, result_prefix, unacked_keys
+from istasks.keys import gid_pattern, progress_channel, result_prefix
 from queues.naming import Identity
 
 log = logging.getLogger(__name__)
@@ -82,11 +82,6 @@ def worker_rules(identity: Identity, broker_db: int) -> list[str]:
     rules = [*_COMMANDS]
     for queue in (identity.queue, identity.prefetch_queue):
         rules += _queue_keys(queue)
-    # kombu's ack emulation: the identity's own hash of in-flight messages, its index
-    # and its restore mutex (exact names: no glob).
-    unacked = unacked_keys(identity.uid, identity.gid)
-    rules += [f"~{unacked.unacked_key}", f"~{unacked.unacked_index_key}"]
-    rules.append(f"~{unacked.unacked_mutex_key}")
     rules += [f"~{pattern}" for pattern in gid_pattern(identity.gid)]
     # Results: SET (and PUBLISH, below) under the identity's own prefix only.
     results = result_prefix(identity.uid, identity.gid)

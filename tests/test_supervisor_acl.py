@@ -13,7 +13,7 @@ import redis
 
 from bridge.dispatch import CeleryDispatcher
 from istasks.app import create_app
-from istasks.keys import progress_channel, reduced_key, result_prefix, unacked_keys
+from istasks.keys import progress_channel, reduced_key, result_prefix
 from istasks.settings import Settings
 from queues.acl import USER_PREFIX, AclManager, with_credentials
 from queues.naming import Identity
@@ -104,34 +104,29 @@ def test_worker_reaches_exactly_its_own_queues(acl: AclManager) -> None:
     worker.close()
 
 
-def test_worker_reaches_only_its_own_results_in_flight_hash_and_progress(
+def test_worker_reaches_only_its_own_results_queues_and_progress(
     acl: AclManager, redis_url: str
 ) -> None:
-    """B cannot read A's results (JPEGs of A's frames), forge them, read A's in-flight
+    """B cannot read A's results (JPEGs of A's frames), forge them, read A's queued
     envelopes or publish on A's progress channel; the same operations on its own work."""
     admin = redis.Redis.from_url(redis_url)
     worker_b = redis.Redis.from_url(acl.grant(B).results)
     a_result = result_prefix(A.uid, A.gid) + "celery-task-meta-t1"
-    a_unacked = unacked_keys(A.uid, A.gid)
     admin.set(a_result, b"A's jpeg")
-    admin.hset(a_unacked.unacked_key, "tag", b"A's envelope")
+    admin.lpush(A.queue, b"A's envelope")
     assert _denied(lambda: worker_b.get(a_result))
     assert _denied(lambda: worker_b.set(a_result, b"forged"))
     assert _denied(lambda: worker_b.publish(a_result, b"forged"))
     assert _denied(lambda: worker_b.get("celery-task-meta-t1"))  # the old shared names
     assert _denied(lambda: worker_b.publish("celery-task-meta-t1", b"forged"))
-    assert _denied(lambda: worker_b.hgetall(a_unacked.unacked_key))
-    assert _denied(lambda: worker_b.zrange(a_unacked.unacked_index_key, 0, -1))
-    assert _denied(lambda: worker_b.hgetall("unacked"))
+    assert _denied(lambda: worker_b.lrange(A.queue, 0, -1))
+    assert _denied(lambda: worker_b.hgetall("unacked"))  # kombu's ack emulation: unused
     assert _denied(lambda: worker_b.publish(progress_channel(A.uid, A.gid), b"{}"))
     assert _denied(lambda: worker_b.publish("any-client-channel", b"{}"))
     own = result_prefix(B.uid, B.gid) + "celery-task-meta-t2"
     assert worker_b.set(own, b"mine", ex=60) is True and worker_b.get(own) == b"mine"
     assert worker_b.publish(own, b"mine") == 0
-    b_unacked = unacked_keys(B.uid, B.gid)
-    assert worker_b.hset(b_unacked.unacked_key, "tag", b"x") == 1
-    assert worker_b.zadd(b_unacked.unacked_index_key, {"tag": 1.0}) == 1
-    assert worker_b.set(b_unacked.unacked_mutex_key, b"me", nx=True, ex=5) is True
+    assert worker_b.lpush(B.queue, b"x") == 1 and worker_b.rpop(B.queue) == b"x"
     assert worker_b.publish(progress_channel(B.uid, B.gid), b"{}") == 0
     worker_b.close()
     admin.close()
@@ -207,14 +202,13 @@ def test_real_worker_gets_noperm_on_another_esafs_cache(redis_url: str) -> None:
         own = reduced_key(B.gid, "f", "v")
         assert probe(app, B, "probe.redis", "SET", own, "mine") == {"ok": "True"}
         assert probe(app, B, "probe.redis", "GET", own) == {"ok": "b'mine'"}
-        # A's results and in-flight messages are as closed to it as A's cache
+        # A's results and queued messages are as closed to it as A's cache
         a_result = result_prefix(A.uid, A.gid) + "celery-task-meta-x"
-        a_unacked = unacked_keys(A.uid, A.gid).unacked_key
-        for command in (("GET", a_result), ("HGETALL", a_unacked), ("PUBLISH", a_result, "f")):
+        for command in (("GET", a_result), ("LLEN", A.queue), ("PUBLISH", a_result, "f")):
             assert probe(app, B, "probe.redis", *command)["error"].startswith("NoPermission")
         # the only refusals were those: the worker's own Celery traffic never was
         refused = [entry["object"] for entry in admin.acl_log()]
-        assert refused[::-1] == [a_key, a_result, a_unacked, a_result], refused
+        assert refused[::-1] == [a_key, a_result, A.queue, a_result], refused
 
 
 def test_real_worker_round_trips_need_no_other_rights(redis_url: str) -> None:
