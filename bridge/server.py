@@ -53,8 +53,9 @@ SOCKET_HWM = 10_000
 LINGER_MS = 500
 #: Requests accepted at once; more are refused at once with an error frame.
 MAX_IN_FLIGHT = 10_000
-#: Threads doing session checks, identity lookups and dispatch.
-ADMIT_THREADS = 8
+#: Threads doing session checks, identity lookups and dispatch (which sends the task and
+#: may wait up to IS_WORKER_START_TIMEOUT_S for a new identity's worker to start).
+ADMIT_THREADS = 16
 #: Extra wait beyond the dispatcher's own deadline before the loop answers by itself.
 DEADLINE_MARGIN_S = 5.0
 #: After SIGTERM, how long in-flight requests may still finish before getting an error.
