@@ -282,13 +282,20 @@ def _close(handle: Handle) -> None:
     handle.closed = True
 
 
+class Opener:
+    """A ReaderCache opener that keeps every handle it opened."""
+
+    def __init__(self) -> None:
+        self.opened: list[Handle] = []
+
+    def __call__(self, path: str) -> Handle:
+        self.opened.append(Handle(path))
+        return self.opened[-1]
+
+
 def test_reader_cache_reuses_and_closes_readers(tmp_path: Path) -> None:
-    opened: list[Handle] = []
-
-    def opener(path: str) -> Handle:
-        opened.append(Handle(path))
-        return opened[-1]
-
+    opener = Opener()
+    opened = opener.opened
     readers: ReaderCache[Handle] = ReaderCache(2, opener, _close)
     versions = [FileVersion(str(tmp_path / f"{i}.h5"), i, i) for i in range(3)]
     with readers.lease(versions[0]) as first, readers.lease(versions[0]) as again:
@@ -305,12 +312,8 @@ def test_reader_cache_reuses_and_closes_readers(tmp_path: Path) -> None:
 
 
 def test_reader_cache_drops_older_versions_of_a_path(tmp_path: Path) -> None:
-    opened: list[Handle] = []
-
-    def opener(path: str) -> Handle:
-        opened.append(Handle(path))
-        return opened[-1]
-
+    opener = Opener()
+    opened = opener.opened
     readers: ReaderCache[Handle] = ReaderCache(4, opener, _close)
     path = str(tmp_path / "m.h5")
     with readers.lease(FileVersion(path, 1, 10)):
