@@ -42,7 +42,8 @@ class Component:
 
 @dataclass
 class Stack:
-    """A running local service. Build with :meth:`start`, end with :meth:`stop`."""
+    """A running local service. Build with :meth:`start`, end with :meth:`stop` (or use
+    it as a context manager: ``with Stack.start(...) as stack``)."""
 
     run_dir: Path
     settings: Settings
@@ -235,6 +236,12 @@ class Stack:
         finally:
             client.close()
         return pid
+
+    def __enter__(self) -> Stack:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
 
     def stop(self, grace_s: float = 10.0) -> None:
         """SIGTERM every component (newest first), SIGKILL after ``grace_s``."""

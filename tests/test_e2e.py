@@ -66,11 +66,8 @@ def stack(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         worker_idle_s=300,
         view_timeout_s=20,
     )
-    running = Stack.start(tmp_path_factory.mktemp("run"), settings, via_proxy=True)
-    try:
+    with Stack.start(tmp_path_factory.mktemp("run"), settings, via_proxy=True) as running:
         yield running
-    finally:
-        running.stop()
 
 
 @pytest.fixture(scope="module")

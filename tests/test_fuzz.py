@@ -84,11 +84,8 @@ def stack(tree: HostileTree, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     settings_ = Settings(
         worker_idle_s=600, view_timeout_s=30, max_xsize=MAX_XSIZE, indexer_command="/bin/true"
     )
-    running = Stack.start(tmp_path_factory.mktemp("fuzz-run"), settings_)
-    try:
+    with Stack.start(tmp_path_factory.mktemp("fuzz-run"), settings_) as running:
         yield running
-    finally:
-        running.stop()
 
 
 @pytest.fixture(scope="module")

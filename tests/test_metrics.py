@@ -168,11 +168,8 @@ def data_dir() -> Iterator[Path]:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     settings = Settings(metrics_port=free_port(), worker_idle_s=300)
-    running = Stack.start(tmp_path_factory.mktemp("run"), settings)
-    try:
+    with Stack.start(tmp_path_factory.mktemp("run"), settings) as running:
         yield running
-    finally:
-        running.stop()
 
 
 def _delta(before: Samples, after: Samples, name: str, **labels: str) -> float:

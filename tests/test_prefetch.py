@@ -69,11 +69,8 @@ def data_dir() -> Iterator[Path]:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    running = Stack.start(tmp_path_factory.mktemp("run"), Settings(worker_idle_s=300))
-    try:
+    with Stack.start(tmp_path_factory.mktemp("run"), Settings(worker_idle_s=300)) as running:
         yield running
-    finally:
-        running.stop()
 
 
 @pytest.fixture(scope="module")

@@ -357,11 +357,8 @@ def syslog(shared_dir: Path) -> Iterator[SyslogSink]:
 @pytest.fixture(scope="module")
 def stack(syslog: SyslogSink, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     settings = Settings(log_syslog=True, log_syslog_address=str(syslog.path), worker_idle_s=300)
-    running = Stack.start(tmp_path_factory.mktemp("run"), settings)
-    try:
+    with Stack.start(tmp_path_factory.mktemp("run"), settings) as running:
         yield running
-    finally:
-        running.stop()
 
 
 @pytest.mark.slow

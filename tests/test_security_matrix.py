@@ -90,11 +90,8 @@ def data_dir() -> Iterator[Path]:
 @pytest.fixture(scope="module")
 def stack(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     settings = Settings(worker_idle_s=300, view_timeout_s=20, task_max_age_s=MAX_AGE_S)
-    running = Stack.start(tmp_path_factory.mktemp("sec-run"), settings)
-    try:
+    with Stack.start(tmp_path_factory.mktemp("sec-run"), settings) as running:
         yield running
-    finally:
-        running.stop()
 
 
 @pytest.fixture(scope="module")
