@@ -46,14 +46,13 @@ PRELOAD: tuple[str, ...] = (
     "istasks.worker", "istasks.tasks", "istasks.service", "istasks.cache",
     "istasks.app", "istasks.settings", "istasks.replies", "istasks.indexer", "istasks.logs",
     "istasks.core.*", "numpy", "h5py", "hdf5plugin", "PIL.Image", "msgpack",
-    # celery's worker stack, normally imported lazily while it starts
-    "celery.apps.worker", "celery.worker", "celery.worker.worker", "celery.worker.consumer",
-    "celery.worker.components", "celery.worker.autoscale", "celery.worker.pidbox",
-    "celery.worker.heartbeat", "celery.worker.control", "celery.worker.strategy",
-    "celery.worker.request", "celery.worker.loops", "celery.worker.state",
+    # celery's worker stack, normally imported lazily while it starts: its bootsteps are
+    # loaded by dotted name (e.g. celery.app.log, celery.worker.consumer.delayed_delivery,
+    # added in later Celery releases), so whole packages, not a list of their modules
+    "celery.apps.worker", "celery.worker.*", "celery.app.*",
     "celery.concurrency.prefork", "celery.concurrency.solo", "celery.concurrency.thread",
-    "celery.concurrency.asynpool", "celery.app.trace", "celery.app.control",
-    "celery.app.events", "celery.events", "celery.events.state", "celery.events.dispatcher",
+    "celery.concurrency.asynpool", "celery.events", "celery.events.state",
+    "celery.events.dispatcher",
     "celery.backends.redis", "celery.loaders.app", "celery.fixups.django",
     "celery.utils.dispatch.signal", "celery.bootsteps",
     "kombu.transport.redis", "kombu.transport.virtual", "kombu.serialization",

@@ -344,3 +344,40 @@ def test_single_user_mode_runs_workers_as_the_invoking_user(
         log = sup.log()
     assert f"not root: every worker runs as uid={expected_uid}" in log
     assert log.count("not root:") == 1
+
+
+PRELOAD_THEN_BUILD_WORKER = """
+import sys
+from queues import forkserver
+forkserver._preload(forkserver.PRELOAD)
+
+class NoMoreImports:
+    # What a worker meets after dropping privileges where it cannot read the installed
+    # packages (a checkout or Python in a 0700 directory): nothing new can be imported.
+    def find_spec(self, name, path=None, target=None):
+        raise ImportError(f"not preloaded: {name}")
+
+sys.meta_path.insert(0, NoMoreImports())
+from istasks.app import create_app
+from istasks.settings import Settings
+from istasks.worker import WakingThreadPool
+from queues.naming import Identity
+
+identity = Identity(4001, 5001)
+app = create_app(Settings(redis_url="redis://127.0.0.1:1/0", task_secret="x"), identity)
+app.Worker(hostname="is_4001_5001@test", queues=[identity.queue, identity.prefetch_queue],
+           pool_cls=WakingThreadPool, concurrency=1, quiet=True,
+           without_mingle=True, without_gossip=True)
+print("built")
+"""
+
+
+def test_preload_covers_what_a_worker_imports_while_it_builds() -> None:
+    """Celery loads its worker's bootsteps by dotted name; every one must be in the fork
+    server's preload, or a worker that cannot read the installed packages after setuid
+    dies at start (it did with celery.app.log and the consumer's delayed_delivery)."""
+    done = subprocess.run(
+        [sys.executable, "-c", PRELOAD_THEN_BUILD_WORKER],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0 and done.stdout.strip() == "built", done.stderr[-3000:]
