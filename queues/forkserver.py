@@ -45,7 +45,9 @@ PRELOAD: tuple[str, ...] = (
     # readers imported on first use, like Eiger's, are loaded too)
     "istasks.worker", "istasks.tasks", "istasks.service", "istasks.cache",
     "istasks.app", "istasks.settings", "istasks.replies", "istasks.indexer", "istasks.logs",
-    "istasks.core.*", "numpy", "h5py", "hdf5plugin", "PIL.Image", "msgpack",
+    "istasks.core.*", "numpy", "h5py", "hdf5plugin", "msgpack",
+    # Pillow draws the label banner; its font code imports these on first use
+    "PIL.Image", "PIL.ImageFile", "PIL.ImageDraw", "PIL.ImageFont",
     # celery's worker stack, normally imported lazily while it starts: its bootsteps are
     # loaded by dotted name (e.g. celery.app.log, celery.worker.consumer.delayed_delivery,
     # added in later Celery releases), so whole packages, not a list of their modules

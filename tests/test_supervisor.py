@@ -16,6 +16,7 @@ import sys
 import sysconfig
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from celery import Celery
@@ -346,8 +347,21 @@ def test_single_user_mode_runs_workers_as_the_invoking_user(
     assert log.count("not root:") == 1
 
 
-PRELOAD_THEN_BUILD_WORKER = """
+PRELOAD_THEN_WORK = """
 import sys
+from pathlib import Path
+import numpy as np
+import tifffile
+from istasks.testdata.cbf import write_cbf
+from istasks.testdata.eiger import write_eiger
+from istasks.testdata.marccd import write_marccd
+
+data = Path(sys.argv[1])
+files = [write_eiger(data, "e", nimages=1, frames_per_file=1, shape=(64, 66)),
+         write_cbf(data / "p.cbf", shape=(64, 66)), write_marccd(data / "m.mccd", size=64)]
+files.append(data / "t.tif")
+tifffile.imwrite(files[-1], np.ones((64, 64), np.uint16))
+
 from queues import forkserver
 forkserver._preload(forkserver.PRELOAD)
 
@@ -359,6 +373,9 @@ class NoMoreImports:
 
 sys.meta_path.insert(0, NoMoreImports())
 from istasks.app import create_app
+from istasks.core.params import ContrastParams, LabelParams, ViewParams
+from istasks.core.readers import open_reader
+from istasks.core.view import reduce_frame, render_blank, render_jpeg
 from istasks.settings import Settings
 from istasks.worker import WakingThreadPool
 from queues.naming import Identity
@@ -368,16 +385,26 @@ app = create_app(Settings(redis_url="redis://127.0.0.1:1/0", task_secret="x"), i
 app.Worker(hostname="is_4001_5001@test", queues=[identity.queue, identity.prefetch_queue],
            pool_cls=WakingThreadPool, concurrency=1, quiet=True,
            without_mingle=True, without_gossip=True)
-print("built")
+label = LabelParams(text="x_1", height=16)
+for path in files:
+    reader = open_reader(str(path))
+    reduced = reduce_frame(reader.read_frame(1), ViewParams(frame=1, xsize=32))
+    render_jpeg(reduced, ContrastParams(), label)
+    reader.close()
+render_blank(64, label)
+print("served")
 """
 
 
-def test_preload_covers_what_a_worker_imports_while_it_builds() -> None:
-    """Celery loads its worker's bootsteps by dotted name; every one must be in the fork
-    server's preload, or a worker that cannot read the installed packages after setuid
-    dies at start (it did with celery.app.log and the consumer's delayed_delivery)."""
+def test_preload_covers_what_a_worker_imports(tmp_path: Path) -> None:
+    """Everything a worker imports after setuid must be in the fork server's preload: a
+    worker that cannot read the installed packages (checkout or Python in a 0700
+    directory) died at start when Celery's bootsteps celery.app.log and the consumer's
+    delayed_delivery were missing, and failed views with labels (PIL.ImageFile). Here a
+    worker is built and every reader format is reduced and rendered with a label after
+    the preload, with every further import refused."""
     done = subprocess.run(
-        [sys.executable, "-c", PRELOAD_THEN_BUILD_WORKER],
-        capture_output=True, text=True, timeout=60, check=False,
+        [sys.executable, "-c", PRELOAD_THEN_WORK, str(tmp_path)],
+        capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
-    assert done.returncode == 0 and done.stdout.strip() == "built", done.stderr[-3000:]
+    assert done.returncode == 0 and done.stdout.strip() == "served", done.stderr[-3000:]
