@@ -29,6 +29,10 @@ class Settings:
     cache_url: str | None = None
     session_redis_url: str | None = None
     session_public_key: str | None = None
+    # Only when redis_url is unset (``isctl up``, tests): the private redis-server's
+    # budget. It holds the queues and the cache together, so at the budget it evicts
+    # only keys that expire anyway (cache, results), never a queue (volatile-lru).
+    embedded_redis_maxmemory: str = "1gb"
     identity_policy: str = "user"  # "user" (original) or "esaf" (2025 fork)
 
     # ZeroMQ: connect to an is_proxy DEALER, or bind our own ROUTER when standalone.

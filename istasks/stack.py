@@ -96,9 +96,15 @@ class Stack:
         if self.settings.redis_url:
             self.redis_url = self.settings.redis_url
         else:
-            self.redis = start_redis()
+            self.redis = start_redis(extra_args=self._redis_budget())
             self.redis_url = self.redis.url
             log.info("started redis-server on %s", self.redis_url)
+
+    def _redis_budget(self) -> tuple[str, ...]:
+        """Arguments that bound the private redis-server: reduced images of a long
+        session (or an ``isctl prefetch``) would otherwise grow it without limit."""
+        budget = self.settings.embedded_redis_maxmemory
+        return ("--maxmemory", budget, "--maxmemory-policy", "volatile-lru")
 
     def _write_secrets(self) -> None:
         from bridge.devsession import ensure_keypair
@@ -185,7 +191,7 @@ class Stack:
                 raise ValueError("redis is not this stack's own (IS_REDIS_URL is set)")
             port = self.redis.port
             self.redis.stop()
-            self.redis = start_redis(port)
+            self.redis = start_redis(port, extra_args=self._redis_budget())
             return
         index = next((i for i, c in enumerate(self.components) if c.name == name), None)
         if index is None:

@@ -376,19 +376,43 @@ def test_cache_redis_past_maxmemory(make_rig: Callable[..., Rig]) -> None:
     cache = start_redis(extra_args=("--maxmemory", "24mb", "--maxmemory-policy", "allkeys-lru"))
     try:
         rig = make_rig(cache_url=cache.url, lru_max_bytes=1)  # no LRU: every view asks Redis
-        first = rig.job(xsize=1024, frame=2)
-        first_meta = _view(rig, first)
-        for i in range(20):
-            _view(rig, rig.job(xsize=990 + i, frame=1 + i % 4))
-        info = _info(cache)
-        assert info["evicted_keys"] > 0
-        assert info["used_memory"] <= info["maxmemory"] * 1.05, info
-        assert _view(rig, first) == first_meta  # recomputed or not: the same image
-        admin = rig.admin()
-        assert admin.exists(rig.pid) == 1  # the sessions' Redis evicted nothing
-        admin.close()
+        _views_past_budget(rig, cache)
     finally:
         cache.stop()
+
+
+def test_embedded_redis_past_maxmemory(make_rig: Callable[..., Rig]) -> None:
+    """The one redis-server ``isctl up`` starts holds queues, results, sessions and cache
+    together: past its budget it evicts cached images and stays within it, the service
+    keeps serving, and no queue or session is lost (regression: it had no budget, so
+    reduced images grew it without bound for the cache TTL)."""
+    rig = make_rig(embedded_redis_maxmemory="24mb", lru_max_bytes=1)
+    assert rig.stack.redis is not None
+    client = redis.Redis.from_url(rig.stack.redis.url)
+    try:
+        assert client.config_get("maxmemory-policy") == {"maxmemory-policy": "volatile-lru"}
+        _views_past_budget(rig, rig.stack.redis)
+        # The queue's consumers still get tasks and the worker still answers.
+        assert_success_reply(request(rig.stack.endpoint, rig.job(), timeout_s=30), 4)
+    finally:
+        client.close()
+
+
+def _views_past_budget(rig: Rig, cache: RedisProcess) -> None:
+    """21 views of about 4 MB each through a cache Redis with room for a few: it evicts,
+    stays within its budget, serves the first view again unchanged, and keeps the
+    session (in another server, or, never expiring, in the same one)."""
+    first = rig.job(xsize=1024, frame=2)
+    first_meta = _view(rig, first)
+    for i in range(20):
+        _view(rig, rig.job(xsize=990 + i, frame=1 + i % 4))
+    info = _info(cache)
+    assert info["evicted_keys"] > 0
+    assert info["used_memory"] <= info["maxmemory"] * 1.05, info
+    assert _view(rig, first) == first_meta  # recomputed or not: the same image
+    admin = rig.admin()
+    assert admin.exists(rig.pid) == 1
+    admin.close()
 
 
 def _view(rig: Rig, job: dict[str, Any]) -> dict[str, Any]:
