@@ -52,8 +52,9 @@ GRACE_S = 10.0
 #: A worker asked about more recently than this is busy: the cap never evicts it. Above
 #: the dispatcher's poll period plus the client cache TTL (pool.CACHE_TTL_S).
 BUSY_S = 5.0
-#: How often running workers' Redis users are checked (a restarted Redis loses them).
-ACL_CHECK_S = 5.0
+#: How often running workers' Redis users are checked (a restarted Redis loses them, and
+#: its workers cannot reconnect until they are back). One ACL USERS call per server.
+ACL_CHECK_S = 1.0
 #: After any child exits, how long adopted orphans are looked for (queues.orphans): a
 #: killed worker's indexer is re-parented here at once, its own children when it dies.
 ORPHAN_SWEEP_S = 30.0
