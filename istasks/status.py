@@ -26,8 +26,8 @@ from istasks.errors import WorkerUnavailable
 from istasks.settings import Settings, get_settings
 from queues.naming import parse_queue_name
 
-#: kombu's Redis transport: binding sets, the separator before a priority step, the
-#: hash of delivered-but-unacknowledged messages, and its default priority steps.
+#: kombu's Redis transport: binding sets, the separator before a priority step, and its
+#: default priority steps.
 BINDING_PREFIX = "_kombu.binding."
 PRIORITY_SEP = "\x06\x16"
 DEFAULT_PRIORITY_STEPS = (0, 3, 6, 9)

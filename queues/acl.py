@@ -6,9 +6,8 @@ other's users) with a fresh random password, handed over only inside the worker'
 broker/result/cache URLs. The user may touch the cache keys of its ESAF gid
 (:func:`istasks.keys.gid_pattern`), the keys of its own two queues, its own results
 (keys and channels under ``is:res:<uid>:<gid>:``), its own progress channel and the few
-shared keys kombu's
-Redis transport needs for remote control (found by watching a real worker with MONITOR
-and ACL LOG). The worker's Celery app names those keys after its identity
+shared keys kombu's Redis transport needs for remote control (found by watching a real
+worker with MONITOR and ACL LOG). The worker's Celery app names those keys after its identity
 (:func:`istasks.app.worker_isolation`). It cannot list keys (no KEYS/SCAN), subscribe to
 anything but the remote-control broadcast, or run admin commands, so a worker of ESAF B
 gets NOPERM on ESAF A's cached images, A's results (JPEGs of A's frames) and A's queued
