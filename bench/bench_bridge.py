@@ -28,7 +28,7 @@ from bridge.identity import IdentityResolver, IdRange
 from bridge.metrics import BridgeMetrics
 from bridge.outcome import Reply
 from bridge.server import BridgeServer
-from bridge.sessions import SessionVerifier, load_public_key, session_redis
+from bridge.sessions import SeenSessions, SessionVerifier, load_public_key, session_redis
 from istasks.redisserver import start_redis
 from istasks.replies import success_frames
 from istasks.settings import Settings
@@ -131,8 +131,11 @@ def run() -> list[dict[str, Any]]:
     key_pem = private_path.read_bytes()
     store = redis.Redis.from_url(server_process.url)
     try:
+        # As is-bridge builds it: verified-session markers in the (here: same) Redis.
         verifier = SessionVerifier(
-            session_redis(server_process.url), load_public_key(str(public_path))
+            session_redis(server_process.url),
+            load_public_key(str(public_path)),
+            seen=SeenSessions(session_redis(server_process.url)),
         )
         rows = _verify_rows(verifier, store, key_pem)
         text, sig = sign_isauth(key_pem, isauth_for("bench", _bench_user(), [1]))

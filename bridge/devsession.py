@@ -55,6 +55,20 @@ def ensure_keypair(directory: str | Path) -> tuple[Path, Path]:
     return generate_keypair(folder)
 
 
+def matching_private_key(public_path: Path, private_path: Path) -> Path | None:
+    """``private_path`` when it holds the private half of the PEM key at ``public_path``
+    (so sessions signed with it verify); None when either is missing or they differ."""
+    try:
+        public = serialization.load_pem_public_key(public_path.read_bytes())
+        private = serialization.load_pem_private_key(private_path.read_bytes(), password=None)
+    except (OSError, ValueError, TypeError):
+        return None
+    if not isinstance(public, rsa.RSAPublicKey) or not isinstance(private, rsa.RSAPrivateKey):
+        return None
+    same = private.public_key().public_numbers() == public.public_numbers()
+    return private_path if same else None
+
+
 def isauth_for(pid: str, user: str, allowed_esafs: Iterable[int]) -> dict[str, Any]:
     """An isAuth object with the fields the server reads (spec 3.1)."""
     return {"pid": pid, "uid": user, "allowedESAFs": sorted(set(allowed_esafs))}

@@ -9,7 +9,16 @@ per-task result subscriptions, which leak channels and connections when used fro
 threads (field notes 3.4), and each result is deleted right after it is read. Each
 identity's worker stores its results under its own prefix (istasks.app.worker_isolation);
 a result counts only under the prefix of the identity the task was sent to.
-A watchdog thread enforces deadlines and notices dead workers through the pool's epoch.
+A watchdog thread enforces deadlines and notices dead workers through the pool's state.
+
+A worker's death fails only the requests it could have taken: those sent before the pool
+noticed it (:meth:`queues.pool.WorkerState.lost_since`). A request sent to a worker that
+was already dead (the pool's answer is cached for half a second) is still in the queue:
+it is left there for the next worker, which is started if need be. ``jpeg`` and
+``spots`` are idempotent, so a request whose worker did die before replying is sent once
+more, freshly sealed, under a new task id, if its deadline leaves time; whichever task
+answers first answers the request and the other's result is dropped. ``index`` is never
+sent twice (an indexer run twice).
 Callbacks added to the returned futures run on these threads: keep them short.
 Where there is more to tell than the frames show, a future resolves to a
 :class:`bridge.outcome.Reply` (still the list of frames): the worker's cache outcome and
@@ -30,7 +39,8 @@ import logging
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import redis
@@ -49,7 +59,7 @@ from istasks.replies import error_frames, error_text, success_frames
 from istasks.settings import Settings
 from queues.envelope import seal
 from queues.naming import Identity
-from queues.pool import WorkerPool
+from queues.pool import WorkerPool, WorkerState
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +70,13 @@ Frames = list[bytes]
 INDEX_GRACE_S = 10.0
 #: How often the watchdog checks deadlines and worker epochs (contract item 5).
 WATCH_INTERVAL_S = 0.25
+#: Request kinds sent once more when their worker dies before replying: idempotent (a
+#: view computed twice is the same view). Never ``index``, whose indexer would run twice.
+RETRIED_KINDS = frozenset({"jpeg", "spots"})
+#: Sends after the first one, at most, for a worker death.
+MAX_RETRIES = 1
+#: Least time left before the deadline for a retry: a worker start and a cold view.
+RETRY_MIN_S = 1.0
 #: Read timeout of the result subscription (also how often the listener checks for stop).
 READ_TIMEOUT_S = 0.5
 #: Longest wait for the result subscription when the dispatcher starts.
@@ -85,7 +102,7 @@ class Dispatcher(Protocol):
 
 @dataclass
 class _Pending:
-    """One request in flight."""
+    """One request in flight, under one task id per send."""
 
     future: concurrent.futures.Future[Frames]
     identity: Identity
@@ -93,7 +110,11 @@ class _Pending:
     request_id: str
     deadline: float  # time.monotonic()
     started: float
-    epoch: int | None = None
+    job: dict[str, Any] | None = None  # kept while it may be sent again (RETRIED_KINDS)
+    task_ids: list[str] = field(default_factory=list)
+    epoch: int | None = None  # the worker watched; None while not sent (or sent again)
+    sent_at: float = 0.0  # time.monotonic() just before the latest publish
+    retries: int = 0
     progress_channel: str | None = None  # index: the client's progressPublisher
 
 
@@ -163,6 +184,8 @@ class CeleryDispatcher:
         entry = _Pending(future, identity, kind, request_id, now + self._timeout_s(kind), now)
         if kind == "index":
             entry.progress_channel = str_field(job, "progressPublisher") or None
+        elif kind in RETRIED_KINDS and self._pool is not None:
+            entry.job = job
         if kind not in TASK_NAMES:
             future.set_result(error_frames(f"bridge: unknown task kind {kind!r}"))
             return future
@@ -175,6 +198,7 @@ class CeleryDispatcher:
             return future
         task_id = self._id_prefix + uuid.uuid4().hex
         with self._lock:  # registered now, so the deadline also covers starting the worker
+            entry.task_ids.append(task_id)
             self._pending[task_id] = entry
         if self._send_inline:
             self._send(task_id, entry, job)
@@ -197,14 +221,14 @@ class CeleryDispatcher:
             self._relay.close()
         with self._lock:
             pending, self._pending = self._pending, {}
-        for entry in pending.values():
+        for entry in _distinct(pending):
             _settle(entry.future, _unavailable("bridge shutting down", entry.request_id))
 
     @property
     def pending_count(self) -> int:
         """Requests in flight (for metrics and tests)."""
         with self._lock:
-            return len(self._pending)
+            return len(_distinct(self._pending))
 
     # -- sending ----------------------------------------------------------------------
 
@@ -214,13 +238,13 @@ class CeleryDispatcher:
         return self._settings.view_timeout_s
 
     def _send(self, task_id: str, entry: _Pending, job: dict[str, Any]) -> None:
-        """Sender thread: ensure the worker, sign, register, publish."""
+        """Sender thread: ensure the worker, sign, publish; then watch that worker."""
         try:
-            if self._pool is not None:
-                entry.epoch = self._pool.ensure(entry.identity)
+            epoch = self._pool.ensure(entry.identity) if self._pool is not None else None
             if entry.future.done():
                 return  # timed out (or closed) while the worker was starting
             token = seal(self._secret, entry.identity.queue, {"job": job, "rid": entry.request_id})
+            entry.sent_at = time.monotonic()  # before: a worker gone after may have taken it
             self._app.send_task(
                 TASK_NAMES[entry.kind],
                 args=[token],
@@ -232,6 +256,7 @@ class CeleryDispatcher:
                 argsrepr="('<envelope>',)",
                 kwargsrepr="{}",
             )
+            entry.epoch = epoch
         except IsError as exc:
             reply = Reply(error_frames(exc.wire_text()), outcome=exception_outcome(exc))
             self.resolve(task_id, reply)
@@ -265,6 +290,8 @@ class CeleryDispatcher:
         """Answer one request exactly once; False when it was already answered."""
         with self._lock:
             found = self._pending.pop(task_id, None)
+            for other in found.task_ids if found is not None else ():
+                self._pending.pop(other, None)  # a late result of another send: dropped
         if found is None or found.future.done():
             return False
         _settle(found.future, frames)
@@ -312,36 +339,90 @@ class CeleryDispatcher:
 
     def _sweep(self, now: float) -> None:
         with self._lock:
-            entries = list(self._pending.items())
-        epochs: dict[Identity, int | _Unknown | None] = {}
+            entries = [(e.task_ids[-1], e) for e in _distinct(self._pending)]
+        states: dict[Identity, WorkerState | None] = {}
         for task_id, entry in entries:
             if now >= entry.deadline:
                 waited_s = now - entry.started
                 text = f"{entry.kind} request timed out after {waited_s:.0f} s"
                 self.resolve(task_id, _unavailable(text, entry.request_id, "timeout"))
             elif self._pool is not None and entry.epoch is not None:
-                if entry.identity not in epochs:
-                    epochs[entry.identity] = self._live_epoch(entry.identity)
-                live = epochs[entry.identity]
-                if live is not _UNKNOWN and live != entry.epoch:
-                    text = f"worker for {entry.identity.queue} died while serving {entry.kind}"
-                    self.resolve(task_id, _unavailable(text, entry.request_id))
+                if entry.identity not in states:
+                    states[entry.identity] = self._worker_state(entry.identity)
+                state = states[entry.identity]
+                if state is not None:
+                    self._check_worker(task_id, entry, state, now)
 
-    def _live_epoch(self, identity: Identity) -> int | _Unknown | None:
-        """The pool's epoch; _UNKNOWN when the pool cannot be asked (not a dead worker)."""
+    def _check_worker(self, task_id: str, entry: _Pending, state: WorkerState, now: float) -> None:
+        """Act on the worker state of a request that was sent: a worker that could have
+        taken it is gone (send it again, or fail it), or the worker it was sent to is not
+        the live one (gone before the send: follow its successor, started if need be)."""
+        epoch = entry.epoch
+        if epoch is None:
+            return  # being sent again meanwhile
+        if state.lost_since(epoch, entry.sent_at):
+            retry = entry.job is not None and entry.retries < MAX_RETRIES
+            if retry and entry.deadline - now >= RETRY_MIN_S:
+                self._send_again(entry)
+                return
+            text = f"worker for {entry.identity.queue} died while serving {entry.kind}"
+            self.resolve(task_id, _unavailable(text, entry.request_id))
+        elif state.epoch != epoch:
+            entry.epoch = None
+            self._hand_off(self._follow, task_id, entry)
+
+    def _send_again(self, entry: _Pending) -> None:
+        """Retry: the same job, sealed afresh, under a new task id (the first task's
+        result, should it come after all, is then late and dropped)."""
+        assert entry.job is not None
+        task_id = self._id_prefix + uuid.uuid4().hex
+        with self._lock:
+            if entry.future.done() or entry.task_ids[-1] not in self._pending:
+                return  # answered meanwhile
+            entry.retries += 1
+            entry.epoch = None
+            entry.task_ids.append(task_id)
+            self._pending[task_id] = entry
+        left_s = entry.deadline - time.monotonic()
+        log.warning("worker for %s died before replying to %s rid=%s: sent again, %.1f s left",
+                    entry.identity.queue, entry.kind, entry.request_id, left_s)  # fmt: skip
+        self._hand_off(self._send, task_id, entry, entry.job)
+
+    def _follow(self, task_id: str, entry: _Pending) -> None:
+        """Sender thread: the request waits in the queue for the identity's live worker
+        (started now if none runs); watch that one."""
         assert self._pool is not None
         try:
-            return self._pool.epoch(identity)
+            epoch = self._pool.ensure(entry.identity)
+        except IsError as exc:
+            reply = Reply(error_frames(exc.wire_text()), outcome=exception_outcome(exc))
+            self.resolve(task_id, reply)
+            return
+        except Exception as exc:  # the pool's transport: answer, never raise
+            log.warning("ensure %s failed: %s", entry.identity.queue, exc)
+            self.resolve(task_id, _unavailable(f"worker unavailable ({exc})", entry.request_id))
+            return
+        log.info("%s rid=%s was sent to a worker of %s already gone: follows epoch %d",
+                 entry.kind, entry.request_id, entry.identity.queue, epoch)  # fmt: skip
+        entry.epoch = epoch
+
+    def _hand_off(self, work: Callable[..., None], task_id: str, *args: Any) -> None:
+        """Run ``work(task_id, *args)`` on a sender thread: it may wait for a worker to
+        start, the watchdog must not."""
+        try:
+            self._senders.submit(work, task_id, *args)
+        except RuntimeError:  # shut down: close() answers the request
+            return
+
+    def _worker_state(self, identity: Identity) -> WorkerState | None:
+        """The pool's state of ``identity``; None when it cannot be asked (which is not a
+        dead worker)."""
+        assert self._pool is not None
+        try:
+            return self._pool.state(identity)
         except Exception as exc:
-            log.warning("epoch(%s) failed: %s", identity.queue, exc)
-            return _UNKNOWN
-
-
-class _Unknown:
-    """Marker: the pool could not say whether the worker lives."""
-
-
-_UNKNOWN = _Unknown()
+            log.warning("state(%s) failed: %s", identity.queue, exc)
+            return None
 
 
 class _ResultListener(threading.Thread):
@@ -478,3 +559,8 @@ def _settle(future: concurrent.futures.Future[Frames], frames: Frames) -> None:
     """Set a result unless the caller cancelled the future meanwhile."""
     with contextlib.suppress(concurrent.futures.InvalidStateError):
         future.set_result(frames)
+
+
+def _distinct(pending: dict[str, _Pending]) -> list[_Pending]:
+    """Each request once (a request sent again is registered under each task id)."""
+    return list({id(entry): entry for entry in pending.values()}.values())

@@ -4,8 +4,13 @@ Every request reads ``HMGET <pid> isAuth isAuthSig`` (one round trip), so a logo
 key deleted) refuses the very next request, and the signature, pid and ESAF list are
 checked every time (fixes bugs 21, 22). The RSA verification itself is cached by a digest
 of the exact (isAuth, isAuthSig) bytes: repeat requests cost no public-key operation.
-A deleted key gives "(2)" as the original's missing-session path did; "(7)" is not used
-because the existence check and the full check are now the same step.
+
+A missing key is answered as the original did: "(7)" when this (pid, esaf) was verified
+before (the original still had its process: the user logged out or the session expired),
+"(2)" for a pid never seen. :class:`SeenSessions` remembers verified pairs in process and,
+for bridges on several hosts, as a marker with a TTL in the broker Redis; the marker is
+written once per pair and hour and read only when a session is missing, so the request
+path keeps its one round trip.
 """
 
 from __future__ import annotations
@@ -16,7 +21,9 @@ import hashlib
 import json
 import logging
 import threading
+import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +35,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from istasks import keys
 from istasks.errors import AuthError, IsError
 from istasks.settings import Settings
 
@@ -37,6 +45,10 @@ log = logging.getLogger(__name__)
 VERIFIED_CACHE_ENTRIES = 4096
 #: Smallest RSA key accepted for session signatures (the login service uses 2048).
 MIN_KEY_BITS = 2048
+#: Verified (pid, esaf) pairs remembered in process (LRU), for "(7)" after a logout.
+SEEN_ENTRIES = 65536
+#: A pair's shared marker is rewritten (its TTL renewed) at most this often per bridge.
+SEEN_REFRESH_S = 3600.0
 
 
 class SessionConfigError(RuntimeError):
@@ -94,6 +106,73 @@ def session_redis(url: str | None) -> redis.Redis:
     return client
 
 
+class SeenSessions:
+    """The (pid, esaf) pairs whose session was verified: what tells "(7)" from "(2)".
+
+    In process: an LRU of the pairs verified within :data:`~istasks.keys.SEEN_TTL_S`.
+    With a ``store`` (the broker Redis, shared by every bridge) each pair also gets a
+    marker there with that TTL, so a bridge on another host answers "(7)" too. The
+    marker is written when a pair is first verified here and renewed at most every
+    ``refresh_s``; it is read only for a missing session. Store errors are logged and
+    only weaken the answer to "(2)": they never fail a request. Thread-safe.
+    """
+
+    def __init__(
+        self,
+        store: redis.Redis | None = None,
+        *,
+        max_entries: int = SEEN_ENTRIES,
+        ttl_s: float = keys.SEEN_TTL_S,
+        refresh_s: float = SEEN_REFRESH_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._store = store
+        self._max_entries = max_entries
+        self._ttl_s = ttl_s
+        self._refresh_s = min(refresh_s, ttl_s)
+        self._clock = clock
+        self._written: OrderedDict[tuple[str, int], float] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def remember(self, pid: str, esaf: int) -> None:
+        """Note a successful verification (a dict lookup unless the marker is due)."""
+        now = self._clock()
+        pair = (pid, esaf)
+        with self._lock:
+            written = self._written.get(pair)
+            if written is not None and now - written < self._refresh_s:
+                self._written.move_to_end(pair)
+                return
+            self._written[pair] = now
+            self._written.move_to_end(pair)
+            while len(self._written) > self._max_entries:
+                self._written.popitem(last=False)
+        if self._store is not None:
+            try:
+                self._store.set(keys.seen_session_key(pid, esaf), b"1", ex=int(self._ttl_s))
+            except redis.RedisError as exc:
+                log.warning("cannot write the verified-session marker: %s", exc)
+
+    def was_verified(self, pid: str, esaf: int) -> bool:
+        """True when (pid, esaf) was verified within the TTL, here or by another bridge."""
+        with self._lock:
+            written = self._written.get((pid, esaf))
+        if written is not None and self._clock() - written < self._ttl_s:
+            return True
+        if self._store is None:
+            return False
+        try:
+            return bool(self._store.exists(keys.seen_session_key(pid, esaf)))
+        except redis.RedisError as exc:
+            log.warning("cannot read the verified-session marker: %s", exc)
+            return False
+
+    def close(self) -> None:
+        """Release the store's connections."""
+        if self._store is not None:
+            self._store.close()
+
+
 class SessionVerifier:
     """Checks one request's (pid, esaf) against its signed session; thread-safe."""
 
@@ -103,38 +182,49 @@ class SessionVerifier:
         public_key: rsa.RSAPublicKey,
         *,
         cache_entries: int = VERIFIED_CACHE_ENTRIES,
+        seen: SeenSessions | None = None,
     ) -> None:
         self._client = client
         self._key = public_key
         self._cache_entries = cache_entries
         self._verified: OrderedDict[bytes, Session] = OrderedDict()
         self._lock = threading.Lock()
+        self.seen = seen or SeenSessions()
         #: RSA verifications done and verifications answered from the cache (metrics).
         self.rsa_checks = 0
         self.cache_hits = 0
 
     @classmethod
     def from_settings(cls, settings: Settings) -> SessionVerifier:
-        """Key and Redis from settings; SessionConfigError when either is missing or bad."""
+        """Key and Redis from settings; SessionConfigError when either is missing or bad.
+
+        Verified-session markers go to the broker Redis (``IS_REDIS_URL``/``IS_BROKER_URL``),
+        which every bridge shares; the session Redis is the login service's, read only.
+        """
         key = load_public_key(settings.session_public_key)
-        return cls(session_redis(settings.sessions), key)
+        client = session_redis(settings.sessions)
+        marker_store = session_redis(settings.broker) if settings.broker else None
+        return cls(client, key, seen=SeenSessions(marker_store))
 
     def verify(self, pid: str, esaf: int) -> Session:
         """The session of ``pid`` if it is signed, matches ``pid`` and allows ``esaf``."""
-        isauth, signature = self._fetch(pid)
+        isauth, signature = self._fetch(pid, esaf)
         session = self._verified_session(pid, isauth, signature)
         if session.pid != pid:
             raise _refused(pid, 6)
         if not session.allows(esaf):
             raise AuthError(f"Process {pid} is not authorized for esaf {esaf}")
+        self.seen.remember(pid, esaf)
         return session
 
     def close(self) -> None:
         """Release the Redis connections."""
         self._client.close()
+        self.seen.close()
 
-    def _fetch(self, pid: str) -> tuple[bytes, bytes]:
-        """HMGET the two fields; codes (1)-(3) of spec 3.2 for a bad or missing hash."""
+    def _fetch(self, pid: str, esaf: int) -> tuple[bytes, bytes]:
+        """HMGET the two fields; codes (1)-(3) and (7) of spec 3.2-3.3 for a bad or
+        missing hash."""
         try:
             reply: Any = self._client.hmget(pid, ["isAuth", "isAuthSig"])
         except redis.ResponseError:
@@ -146,8 +236,10 @@ class SessionVerifier:
         if not isinstance(reply, list) or len(reply) != 2:
             raise _refused(pid, 1)
         isauth, signature = reply
+        if isauth is None and signature is None and self.seen.was_verified(pid, esaf):
+            raise _refused(pid, 7)  # verified before, now gone: logged out or expired
         if not isinstance(isauth, bytes):
-            raise _refused(pid, 2)  # no session: unknown pid, expired or logged out
+            raise _refused(pid, 2)  # no session: a pid never verified for this esaf
         if not isinstance(signature, bytes):
             raise _refused(pid, 3)
         return isauth, signature

@@ -17,6 +17,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+from bridge.jansson import first_error
 from istasks.errors import RequestError
 from istasks.jobs import Job
 
@@ -31,8 +32,14 @@ MAX_JSON_DEPTH = 32
 _FORMAT = "Unexpected incoming message format"
 _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
 _INT64_MAX_DIGITS = 20  # "-9223372036854775808"
-#: A ``\uD800``-``\uDFFF`` escape: the only way a surrogate gets into decoded UTF-8 text.
-_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+#: Escapes Python decodes and jansson refused: a surrogate (unpaired ones make text no
+#: UTF-8 encoder accepts) or NUL. A match only means "ask jansson's rules" (a pair is fine).
+_JANSSON_REFUSED_ESCAPE = re.compile(r"\\u(?:[dD][89a-fA-F]|0000)")
+#: Largest invalid payload whose jansson error text is reproduced (pure Python, ~6 us a
+#: token, on the bridge's loop thread). is.js jobs are a few hundred bytes; beyond this a
+#: refusal carries Python's parser message.
+MAX_EMULATED_BYTES = 4096
+_TOO_DEEP = f"Failed to parse request: nested deeper than {MAX_JSON_DEPTH} levels"
 
 
 class MalformedEnvelope(RequestError):
@@ -65,30 +72,36 @@ def split_envelope(frames: Sequence[bytes]) -> tuple[tuple[bytes, ...], bytes, i
 
 
 def parse_job(payload: bytes) -> Job:
-    """Decode the JSON job of one request; RequestError with the original's texts otherwise."""
+    """Decode the JSON job of one request; RequestError with the original's texts otherwise.
+
+    Python's parser does the work. Only when it refuses a payload, or accepts one that
+    jansson refused (a lone surrogate escape, ``\\u0000``, a top-level scalar), does
+    :func:`bridge.jansson.first_error` find the text the original sent.
+    """
     if len(payload) > MAX_PAYLOAD_BYTES:
         raise RequestError(
             f"Failed to parse request: payload of {len(payload)} bytes exceeds {MAX_PAYLOAD_BYTES}"
         )
     try:
         text = payload.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise RequestError(f"Failed to parse request: not UTF-8 at byte {exc.start}") from None
-    try:
         value: Any = json.loads(
             text, parse_constant=_reject_constant, parse_int=_int64, parse_float=_finite_float
         )
-    except (ValueError, RecursionError) as exc:
-        raise RequestError(f"Failed to parse request: {_short(exc)}") from None
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise _parse_error(payload, exc) from None
+    if not isinstance(value, dict | list):
+        _refuse_as_jansson(payload)
+        raise RequestError("Failed to parse request: '[' or '{' expected")
+    escapes = "\\u" in text and _JANSSON_REFUSED_ESCAPE.search(text) is not None
+    if escapes:
+        _refuse_as_jansson(payload)
     if _nesting_depth(value) > MAX_JSON_DEPTH:
-        raise RequestError(f"Failed to parse request: nested deeper than {MAX_JSON_DEPTH} levels")
-    if _SURROGATE_ESCAPE.search(text):
-        _reject_lone_surrogates(value)
+        raise RequestError(_TOO_DEEP)
+    if escapes and len(payload) > MAX_EMULATED_BYTES:
+        _refuse_lone_surrogates(value)
     if isinstance(value, list):
         # jansson accepted a top-level array; main then found no pid in it.
         raise RequestError("request does not contain pid")
-    if not isinstance(value, dict):
-        raise RequestError("Failed to parse request: '[' or '{' expected")
     return value
 
 
@@ -136,7 +149,30 @@ def _nesting_depth(value: Any) -> int:
     return deepest
 
 
-def _reject_lone_surrogates(value: Any) -> None:
+def _parse_error(payload: bytes, exc: BaseException) -> RequestError:
+    """The error for a payload Python's parser refused: jansson's text when the payload
+    is small enough to emulate it, else Python's (bounded so a huge payload cannot
+    produce a huge error frame)."""
+    if len(payload) <= MAX_EMULATED_BYTES:
+        message = first_error(payload)
+        if message is not None:
+            return RequestError(f"Failed to parse request: {message}")
+    if isinstance(exc, RecursionError):
+        return RequestError(_TOO_DEEP)  # Python's limit; jansson allows 2048 levels
+    if isinstance(exc, UnicodeDecodeError):
+        return RequestError(f"Failed to parse request: not UTF-8 at byte {exc.start}")
+    return RequestError(f"Failed to parse request: {str(exc)[:200]}")
+
+
+def _refuse_as_jansson(payload: bytes) -> None:
+    """For a payload Python accepted: jansson's error if jansson refused it (payloads
+    too big to emulate are left to the caller)."""
+    message = first_error(payload) if len(payload) <= MAX_EMULATED_BYTES else None
+    if message is not None:
+        raise RequestError(f"Failed to parse request: {message}")
+
+
+def _refuse_lone_surrogates(value: Any) -> None:
     r"""Python decodes an unpaired ``\uD800`` escape into a string no UTF-8 encoder
     accepts, so the echoed job could never be sent; jansson refused such text too."""
     try:
@@ -144,12 +180,3 @@ def _reject_lone_surrogates(value: Any) -> None:
     except UnicodeEncodeError:
         text = "Failed to parse request: invalid Unicode escape (unpaired surrogate)"
         raise RequestError(text) from None
-    except RecursionError:
-        raise RequestError("Failed to parse request: nesting too deep") from None
-
-
-def _short(exc: BaseException) -> str:
-    """Parser message, bounded so a huge payload cannot produce a huge error frame."""
-    if isinstance(exc, RecursionError):
-        return "nesting too deep"
-    return str(exc)[:200]

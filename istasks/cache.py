@@ -8,7 +8,10 @@ opened as the worker's identity, so file permissions still apply before anything
 is shown.
 
 Identical concurrent requests are computed once: in-process by a single-flight table,
-across the workers of one gid by a short Redis lock whose losers poll for the value.
+across the workers of one gid by a short Redis lock whose losers poll for the value. The
+lock names its holder's process, so a worker killed mid-computation holds up nobody: its
+waiters see it gone and compute (a request sent again after such a death, bridge.dispatch,
+would otherwise wait out LOCK_WAIT_S, past its deadline).
 Redis trouble never fails a request: the cache logs, stops asking Redis for a few
 seconds, and computes. An LRU hit is reported to Redis (TTL refresh, hit counter) by a
 background thread, off the request path. This module knows nothing of numpy: values only need
@@ -25,6 +28,7 @@ import contextlib
 import contextvars
 import logging
 import os
+import socket
 import threading
 import time
 import uuid
@@ -235,7 +239,7 @@ class ReducedCache(Generic[V]):
         self._flights: SingleFlight[tuple[V, CacheOutcome]] = SingleFlight()
         self._redis = _redis_client(redis_url) if redis_url else None
         self._redis_down_until = 0.0
-        self._token = uuid.uuid4().hex
+        self._token_suffix = uuid.uuid4().hex
         self._hits = HitReporter(self._redis_call, stats_key(gid, "lru_hits"), ttl_s)
 
     def get(
@@ -293,7 +297,8 @@ class ReducedCache(Generic[V]):
         if value is not None:
             return value, "redis"
         lock = lock_key(self.gid, key)
-        owner = self._redis_call(lambda r: r.set(lock, self._token, nx=True, px=_ms(LOCK_TTL_S)))
+        token = self._token
+        owner = self._redis_call(lambda r: r.set(lock, token, nx=True, px=_ms(LOCK_TTL_S)))
         if owner is None and self._redis_usable():
             value = self._wait_for_other(key, lock)
             if value is not None:
@@ -320,16 +325,28 @@ class ReducedCache(Generic[V]):
         self.lru.put(key, value, value.nbytes)
         return value
 
+    @property
+    def _token(self) -> str:
+        """This process's lock value, ``<pid>@<host>/<random>`` (read at lock time: the
+        cache may have been made before a fork)."""
+        return f"{os.getpid()}@{socket.gethostname()}/{self._token_suffix}"
+
     def _wait_for_other(self, key: str, lock: str) -> V | None:
-        """Another worker computes this key: poll for its value, bounded."""
+        """Another worker computes this key: poll for its value, bounded, and no longer
+        than the holder lives."""
         deadline = time.monotonic() + LOCK_WAIT_S
         while time.monotonic() < deadline:
             time.sleep(LOCK_POLL_S)
             value = self._from_redis(key)
             if value is not None:
                 return value
-            if self._redis_call(lambda r: r.exists(lock)) != 1:
+            holder = self._redis_call(lambda r: r.get(lock))
+            if not isinstance(holder, bytes):
                 return self._from_redis(key)  # holder finished (or failed): last look
+            if holder_gone(holder):
+                log.warning("lock holder %r of %s is gone; computing it here", holder, key)
+                self._release(lock, holder)
+                return None
         log.warning("waited %.0f s for %s; computing it here", LOCK_WAIT_S, key)
         return None
 
@@ -346,13 +363,14 @@ class ReducedCache(Generic[V]):
 
         self._redis_call(write)
 
-    def _release(self, lock: str) -> None:
-        """Delete our lock. GET-then-DEL is not atomic: at worst another worker's fresh
-        lock goes early and one image is computed twice, which is harmless (no Lua, so
-        the per-gid ACL needs no scripting rights)."""
+    def _release(self, lock: str, holder: bytes | None = None) -> None:
+        """Delete our lock (or a gone ``holder``'s). GET-then-DEL is not atomic: at worst
+        another worker's fresh lock goes early and one image is computed twice, which is
+        harmless (no Lua, so the per-gid ACL needs no scripting rights)."""
+        token = holder if holder is not None else self._token.encode()
 
         def release(r: redis.Redis) -> None:
-            if r.get(lock) == self._token.encode():
+            if r.get(lock) == token:
                 r.delete(lock)
 
         self._redis_call(release)
@@ -562,3 +580,26 @@ def _report_hits(r: redis.Redis, keys: list[str], ttl_s: int, counter: str, coun
 
 def _ms(seconds: float) -> int:
     return int(seconds * 1000)
+
+
+def holder_gone(holder: bytes) -> bool:
+    """Whether a lock value names a process of this host that no longer runs (or is a
+    zombie nobody reaped yet). Anything else counts as alive: another host's worker, an
+    unreadable value, a pid we may not signal (another uid's worker, which lives)."""
+    pid_text, _, rest = holder.decode("ascii", "replace").partition("@")
+    host = rest.partition("/")[0]
+    if not pid_text.isdigit() or host != socket.gethostname():
+        return False
+    pid = int(pid_text)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # EPERM: it exists
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            text = stat.read()
+    except OSError:
+        return False
+    return text[text.rfind(b")") + 2 : text.rfind(b")") + 3] == b"Z"

@@ -11,9 +11,12 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from istasks.errors import IsError
+
+if TYPE_CHECKING:  # imported when ``up`` runs; the other subcommands stay light
+    from istasks.stack import Stack
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -95,14 +98,18 @@ def _cmd_up(args: argparse.Namespace) -> int:
     import time
 
     from istasks.settings import get_settings
-    from istasks.stack import Stack, dev_user
+    from istasks.stack import Stack, StackConfigError
 
     logging.basicConfig(level="INFO", format="isctl up: %(message)s")
     settings = get_settings()
     run_dir = Path(args.run_dir or settings.run_dir or "run")
     if os.geteuid() != 0:
         print("isctl up: not root: workers run as the invoking user for every identity")
-    stack = Stack.start(run_dir, settings, flower_port=args.flower)
+    try:
+        stack = Stack.start(run_dir, settings, flower_port=args.flower)
+    except StackConfigError as exc:
+        print(f"isctl up: {exc}", file=sys.stderr)
+        return 2
     stopping: list[int] = []
     # Ctrl-C and SIGTERM both end the loop below (installed explicitly: a shell that
     # starts us in the background leaves SIGINT ignored, and Python then never raises).
@@ -112,15 +119,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
     try:
         demo.chmod(0o755)  # the dev identity (nobody when root) must be able to read it
         master = _write_demo(demo)
-        pid = stack.add_session([args.esaf], user=dev_user())
-        print(f"isctl up: redis {stack.redis_url}, bridge {stack.endpoint}, logs in {run_dir}/")
-        if args.flower:
-            print(f"isctl up: flower on http://127.0.0.1:{args.flower}/")
-        print("isctl up: fetch a view the way is.js does with:")
-        print(
-            f"  {Path(sys.executable).parent / 'isctl'} get --endpoint {stack.endpoint} "
-            f"--pid {pid} --esaf {args.esaf} {master} --frame 2 --xsize 1024 -o view.jpg"
-        )
+        _print_up(stack, args, master, run_dir)
         print("isctl up: Ctrl-C stops everything", flush=True)
         while not stopping and not stack.dead():
             time.sleep(0.2)
@@ -135,6 +134,41 @@ def _cmd_up(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         stack.stop()
         shutil.rmtree(demo, ignore_errors=True)
+
+
+def _print_up(stack: Stack, args: argparse.Namespace, master: Path, run_dir: Path) -> None:
+    """Where things are, and the one command that fetches a view, when one can work: it
+    needs a session the bridge trusts and an endpoint we know."""
+    from istasks.stack import dev_user
+
+    where = f"bridge {stack.endpoint}"
+    if not stack.endpoint:
+        where = f"bridge connected to the is_proxy at {stack.proxy_endpoint} (IS_PROXY_ENDPOINT)"
+    print(f"isctl up: redis {stack.redis_url}, {where}, logs in {run_dir}/")
+    if args.flower:
+        print(f"isctl up: flower on http://127.0.0.1:{args.flower}/")
+    if stack.signing_key is None:
+        print(
+            f"isctl up: the bridge verifies sessions with IS_SESSION_PUBLIC_KEY="
+            f"{stack.settings.session_public_key}, and {run_dir}/ holds no private key "
+            "for it: isctl up cannot sign a dev session, so it prints no fetch command. "
+            "Sessions must come from the login service that owns that key."
+        )
+        print(f"isctl up: demo dataset: {master} (frames 1-4)")
+        return
+    pid = stack.add_session([args.esaf], user=dev_user())
+    if not stack.endpoint:
+        print(
+            f"isctl up: dev session {pid} (esaf {args.esaf}), demo dataset {master}. "
+            "Clients reach this bridge through the is_proxy's client-side (ROUTER) "
+            "endpoint, which isctl up does not know: give it to `isctl get --endpoint`."
+        )
+        return
+    print("isctl up: fetch a view the way is.js does with:")
+    print(
+        f"  {Path(sys.executable).parent / 'isctl'} get --endpoint {stack.endpoint} "
+        f"--pid {pid} --esaf {args.esaf} {master} --frame 2 --xsize 1024 -o view.jpg"
+    )
 
 
 def _write_demo(directory: Path) -> Path:

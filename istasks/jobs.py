@@ -79,10 +79,11 @@ def view_params(job: Job) -> ViewParams:
 
 
 def _nearest_tenth(value: float) -> float:
-    """``value`` rounded to 0.1 (spec 2.2); a value too large to scale stays as it is
-    (``round`` of the overflowed product would raise)."""
-    scaled = value * 10.0
-    return round(scaled) / 10.0 if math.isfinite(scaled) else value
+    """``value`` rounded to 0.1 as the original does, ``floor(10 * zoom + 0.5) / 10``
+    (spec 5.5: halves go up, 1.25 -> 1.3, where Python's ``round`` gives 1.2); a value
+    too large to scale stays as it is (``floor`` of the overflowed product would raise)."""
+    scaled = value * 10.0 + 0.5
+    return math.floor(scaled) / 10.0 if math.isfinite(scaled) else value
 
 
 def contrast_params(job: Job) -> ContrastParams:

@@ -19,6 +19,12 @@ WORKERS = f"{PREFIX}:workers"  # supervisor's registry of live workers
 ENSURE = f"{PREFIX}:ensure"  # supervisor request channel
 PROGRESS = f"{PREFIX}:progress"  # progress channels (index: one per identity)
 RESULTS = f"{PREFIX}:res"  # Celery result keys and channels, per identity
+SEEN = f"{PREFIX}:seen"  # sessions a bridge verified, per (pid, esaf): "(7)" after logout
+
+#: How long "this session was verified here" outlives the session's last verification.
+#: The original remembered it for the life of the per-(pid, esaf) process, i.e. until
+#: the server restarted (every 2 h in the 2025 fork); a day covers a beamline shift.
+SEEN_TTL_S = 24 * 3600
 
 _PROGRESS_RE = re.compile(re.escape(PROGRESS) + r":(0|[1-9][0-9]{0,9}):(0|[1-9][0-9]{0,9})")
 
@@ -37,6 +43,14 @@ def reduced_key(gid: int, file_id: str, view_token: str) -> str:
 def lock_key(gid: int, cache_key: str) -> str:
     """Lock that makes identical concurrent requests compute once."""
     return f"{LOCK}:{gid}:{cache_key}"
+
+
+def seen_session_key(pid: str, esaf: int) -> str:
+    """Marker that session ``pid`` was verified for ``esaf`` (in the broker Redis, shared
+    by every bridge). The pid is a bearer token, so the key holds a digest, never the pid."""
+    raw = f"{pid}\0{esaf}".encode("utf-8", "surrogatepass")
+    digest = hashlib.blake2b(raw, digest_size=16).hexdigest()
+    return f"{SEEN}:{digest}"
 
 
 def gid_pattern(gid: int) -> list[str]:

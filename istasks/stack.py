@@ -5,6 +5,14 @@ unset), the supervisor (root: workers under each UID:GID; otherwise workers run 
 invoking user), the bridge bound to a local endpoint, and optionally Flower. Children
 get their configuration through ``IS_*`` variables derived here, so every process reads
 the same settings object the same way. ``stop()`` ends them all.
+
+Settings the user gave win over the dev values filled in here, never silently lost:
+``IS_SESSION_PUBLIC_KEY`` is the bridge's key (dev sessions are then signed only if the
+run directory holds its private half, see :attr:`Stack.signing_key`),
+``IS_PROXY_ENDPOINT`` makes the bridge connect to that is_proxy instead of binding
+(:attr:`Stack.endpoint` is then empty: clients go through the proxy's frontend),
+``IS_TASK_SECRET``/``IS_TASK_SECRET_FILE``, ``IS_SUPERVISOR_SOCKET``, ``IS_BIND_ENDPOINT``
+and ``IS_REDIS_URL`` are used as given. Contradictory ones raise :class:`StackConfigError`.
 """
 
 from __future__ import annotations
@@ -29,6 +37,13 @@ log = logging.getLogger(__name__)
 #: The dev session's account when ``isctl up`` runs as root: uid 0 is always refused,
 #: and ``nobody`` exists on every Debian/Ubuntu system.
 ROOT_DEV_USER = "nobody"
+#: What the bridge logs once its socket is open (bridge.server); a bridge connected to an
+#: is_proxy cannot be probed with a request, so the stack waits for this line instead.
+BRIDGE_SERVING = "bridge serving on "
+
+
+class StackConfigError(ValueError):
+    """Settings the stack cannot honour together; the message says which and why."""
 
 
 @dataclass
@@ -53,6 +68,13 @@ class Stack:
     components: list[Component] = field(default_factory=list)
     redis: RedisProcess | None = None
     flower_port: int | None = None
+    #: The is_proxy DEALER the bridge connects to (``IS_PROXY_ENDPOINT``, or the stack's
+    #: own is-proxy backend), else "".
+    proxy_endpoint: str = ""
+    #: Private key whose public half the bridge trusts, when the stack holds it: the dev
+    #: key pair, or the user's ``IS_SESSION_PUBLIC_KEY`` if ``run_dir`` has its private
+    #: half. None: only the user's login service can sign sessions for this bridge.
+    signing_key: Path | None = None
 
     @classmethod
     def start(
@@ -69,6 +91,7 @@ class Stack:
         ``via_proxy`` puts an is-proxy (ROUTER/DEALER) in front, as at LS-CAT: clients
         talk to its frontend and the bridge connects to its backend.
         """
+        _check_settings(settings, via_proxy=via_proxy)
         run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         stack = cls(run_dir=run_dir.resolve(), settings=settings, flower_port=flower_port)
         try:
@@ -107,29 +130,49 @@ class Stack:
         return ("--maxmemory", budget, "--maxmemory-policy", "volatile-lru")
 
     def _write_secrets(self) -> None:
-        from bridge.devsession import ensure_keypair
+        settings = self.settings
+        self.env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("IS_")},
+            # Every setting the user gave (they differ from the defaults), then the dev
+            # values for those left unset.
+            **_passthrough(settings),
+            "IS_REDIS_URL": self.redis_url,
+            "IS_IDENTITY_POLICY": settings.identity_policy,
+            "IS_LOG_LEVEL": settings.log_level,
+        }
+        if not (settings.task_secret or settings.task_secret_file):
+            self.env["IS_TASK_SECRET_FILE"] = str(self._dev_task_secret())
+        self.env["IS_SESSION_PUBLIC_KEY"] = str(self._session_public_key())
+        if settings.supervisor_socket == Settings().supervisor_socket:
+            # The default is the installed service's path; the dev stack keeps its own.
+            self.env["IS_SUPERVISOR_SOCKET"] = str(self.run_dir / "supervisor.sock")
+        if settings.proxy_endpoint:
+            self.proxy_endpoint = settings.proxy_endpoint
+        else:
+            self.endpoint = settings.bind_endpoint or f"tcp://127.0.0.1:{free_port()}"
+            self.env["IS_BIND_ENDPOINT"] = self.endpoint
+        if self.flower_port:
+            self.env["IS_FLOWER_PORT"] = str(self.flower_port)
 
+    def _dev_task_secret(self) -> Path:
         secret_file = self.run_dir / "task-secret"
         if not secret_file.exists():
             fd = os.open(secret_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w") as out:
                 out.write(secrets.token_hex(32))
-        _, public = ensure_keypair(self.run_dir)
-        self.endpoint = self.settings.bind_endpoint or f"tcp://127.0.0.1:{free_port()}"
-        self.env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith("IS_")},
-            "IS_REDIS_URL": self.redis_url,
-            "IS_TASK_SECRET_FILE": str(secret_file),
-            "IS_SESSION_PUBLIC_KEY": str(public),
-            "IS_BIND_ENDPOINT": self.endpoint,
-            "IS_SUPERVISOR_SOCKET": str(self.run_dir / "supervisor.sock"),
-            "IS_IDENTITY_POLICY": self.settings.identity_policy,
-            "IS_LOG_LEVEL": self.settings.log_level,
-        }
-        for name, value in _passthrough(self.settings).items():
-            self.env.setdefault(name, value)
-        if self.flower_port:
-            self.env["IS_FLOWER_PORT"] = str(self.flower_port)
+        return secret_file
+
+    def _session_public_key(self) -> Path:
+        """The key the bridge verifies sessions with: the user's, else the dev key pair's
+        (generated in ``run_dir``); sets :attr:`signing_key`."""
+        from bridge.devsession import PRIVATE_KEY_NAME, ensure_keypair, matching_private_key
+
+        given = self.settings.session_public_key
+        if given is None:
+            self.signing_key, public = ensure_keypair(self.run_dir)
+            return public
+        self.signing_key = matching_private_key(Path(given), self.run_dir / PRIVATE_KEY_NAME)
+        return Path(given)
 
     def _start_proxy(self) -> None:
         backend = f"tcp://127.0.0.1:{free_port()}"
@@ -137,7 +180,7 @@ class Stack:
         args = f"['--frontend', {frontend!r}, '--backend', {backend!r}]"
         self._spawn("proxy", f"from bridge.proxy import main; raise SystemExit(main({args}))")
         self.env.pop("IS_BIND_ENDPOINT")
-        self.env["IS_PROXY_ENDPOINT"] = backend
+        self.env["IS_PROXY_ENDPOINT"] = self.proxy_endpoint = backend
 
     def _spawn(self, name: str, code: str) -> None:
         self.components.append(Component(name, self._popen(name, code), code))
@@ -166,6 +209,9 @@ class Stack:
     def _wait_for_bridge(self, timeout_s: float = 30.0) -> None:
         from bridge.client import request
 
+        if not self.endpoint:  # connected to the user's is_proxy: nothing to send to
+            self._wait_for_log("bridge", BRIDGE_SERVING, timeout_s)
+            return
         deadline = time.monotonic() + timeout_s
         while True:
             self._raise_if_dead()
@@ -175,6 +221,26 @@ class Stack:
                     return
             if time.monotonic() > deadline:
                 raise RuntimeError(f"bridge did not answer on {self.endpoint}")
+
+    def _wait_for_log(self, name: str, text: str, timeout_s: float) -> None:
+        """Until component ``name`` logs ``text``. Below INFO logging the line never
+        comes; then a second alive after the start must do."""
+        log_path = self.run_dir / f"{name}.log"
+        start = log_path.stat().st_size if log_path.exists() else 0
+        level = logging.getLevelName(self.settings.log_level.upper())
+        quiet = isinstance(level, int) and level > logging.INFO
+        started = time.monotonic()
+        while True:
+            self._raise_if_dead()
+            with open(log_path, "rb") as logged:
+                logged.seek(start)
+                if text.encode() in logged.read():
+                    return
+            if quiet and time.monotonic() - started > 1.0:
+                return
+            if time.monotonic() - started > timeout_s:
+                raise RuntimeError(f"{name} did not start serving within {timeout_s:g} s")
+            time.sleep(0.05)
 
     def _raise_if_dead(self) -> None:
         for comp in self.components:
@@ -227,15 +293,23 @@ class Stack:
         return [c.name for c in self.components if c.process.poll() is not None]
 
     def add_session(self, esafs: list[int], user: str | None = None, pid: str | None = None) -> str:
-        """Sign and store a dev session for ``user`` (default: a usable local account)."""
+        """Sign and store a dev session for ``user`` (default: a usable local account).
+
+        StackConfigError when the bridge trusts a key the stack cannot sign with.
+        """
         import redis
 
-        from bridge.devsession import ensure_keypair, isauth_for, sign_isauth, write_session
+        from bridge.devsession import isauth_for, sign_isauth, write_session
 
+        if self.signing_key is None:
+            raise StackConfigError(
+                f"cannot sign a dev session: the bridge verifies sessions with "
+                f"IS_SESSION_PUBLIC_KEY={self.settings.session_public_key}, whose private key "
+                f"is not in {self.run_dir}; sessions must come from the login service"
+            )
         pid = pid or f"dev-{secrets.token_hex(6)}"
         user = user or dev_user()
-        private, _ = ensure_keypair(self.run_dir)
-        text, sig = sign_isauth(private.read_bytes(), isauth_for(pid, user, esafs))
+        text, sig = sign_isauth(self.signing_key.read_bytes(), isauth_for(pid, user, esafs))
         client = redis.Redis.from_url(self.settings.session_redis_url or self.redis_url)
         try:
             write_session(client, pid, text, sig)
@@ -279,6 +353,21 @@ def _wait_or_kill(process: subprocess.Popen[bytes], deadline: float) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
         process.wait()
+
+
+def _check_settings(settings: Settings, *, via_proxy: bool) -> None:
+    """StackConfigError for settings that contradict each other or the stack's layout."""
+    if settings.proxy_endpoint and settings.bind_endpoint:
+        raise StackConfigError(
+            f"IS_PROXY_ENDPOINT={settings.proxy_endpoint} and IS_BIND_ENDPOINT="
+            f"{settings.bind_endpoint} are both set: the bridge either connects to an "
+            "is_proxy or binds its own endpoint; unset one"
+        )
+    if settings.proxy_endpoint and via_proxy:
+        raise StackConfigError(
+            f"IS_PROXY_ENDPOINT={settings.proxy_endpoint} is set, but this stack starts "
+            "its own is-proxy and connects the bridge to it; unset IS_PROXY_ENDPOINT"
+        )
 
 
 def _passthrough(settings: Settings) -> dict[str, str]:

@@ -1,13 +1,21 @@
 """The worker pool as the bridge sees it, and the client of the supervisor's socket.
 
 The bridge asks :meth:`WorkerPool.ensure` before every request and polls
-:meth:`WorkerPool.epoch` while it waits (contract 5). :class:`SupervisorClient` answers
+:meth:`WorkerPool.state` while it waits (contract 5). :class:`SupervisorClient` answers
 both over the supervisor's Unix socket (:mod:`queues.control` says why a socket): one
 JSON line each way, ~0.05 ms, and a positive answer is cached for ``cache_ttl_s`` so
 that the per-request cost is ~0. Deaths are seen fast without any push channel: the
-supervisor is every worker's parent and learns of a death from SIGCHLD at once, so an
-``epoch`` poll answers None at most ``cache_ttl_s`` after the worker died. Workers are
-started and killed only by the supervisor; the socket is the one way to ask for them.
+supervisor is every worker's parent and learns of a death from SIGCHLD at once, so a
+poll shows it at most ``cache_ttl_s`` after the worker died.
+
+A state also lists the identity's workers that died or were stopped lately, with when
+the supervisor noticed (its ``time.monotonic()``, the same clock as ours on one host;
+the client checks that). Since a cached epoch may already be dead when a task is sent,
+"the identity's worker changed" does not mean "the worker that could have taken my task
+is gone": only a worker gone *after* the task was sent could have taken it
+(:meth:`WorkerState.lost_since`). The supervisor notes every death before it answers
+anything else, so no answer ever shows a worker that had already died as live. Workers
+are started and killed only by the supervisor; the socket is the one way to ask for them.
 
 Standard library only: the bridge imports this module.
 """
@@ -16,14 +24,18 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import socket
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from istasks.errors import IdentityError, WorkerUnavailable
 from istasks.settings import Settings
 from queues.naming import Identity
+
+log = logging.getLogger(__name__)
 
 #: Longest request or reply line; a status listing of a few hundred workers fits.
 MAX_LINE_BYTES = 1 << 20
@@ -36,11 +48,41 @@ _REPLY_GRACE_S = 2.0
 _NO_SUPERVISOR = (errno.ENOENT, errno.ECONNREFUSED)
 
 
+@dataclass(frozen=True)
+class Gone:
+    """A worker of an identity that died or was stopped."""
+
+    epoch: int | None  # None: every worker of the pool (the supervisor itself is gone)
+    at_s: float | None  # our time.monotonic() when the pool noticed; None: unknown
+
+
+@dataclass(frozen=True)
+class WorkerState:
+    """An identity's live worker (its epoch, None when none runs) and its recent dead."""
+
+    epoch: int | None
+    gone: tuple[Gone, ...] = ()
+
+    def lost_since(self, epoch: int, sent_at_s: float) -> bool:
+        """Whether a worker that could have taken a task sent at ``sent_at_s`` (our
+        ``time.monotonic()``, just before the publish) to worker ``epoch`` is gone: one
+        that went after the send. A worker gone before it never saw the task, which is
+        still queued for its successor. When the time is not known, the worker ``epoch``
+        or a later one going is taken as a loss."""
+        for gone in self.gone:
+            if gone.at_s is not None:
+                if gone.at_s >= sent_at_s:
+                    return True
+            elif gone.epoch is None or gone.epoch >= epoch:
+                return True
+        return False
+
+
 class WorkerPool(Protocol):
     """Per-identity workers, started on demand (contract 5)."""
 
     def ensure(self, identity: Identity) -> int:
-        """Start the identity's worker unless running; its epoch (new on every restart).
+        """Start the identity's worker unless running; its epoch (larger on every start).
 
         Raises WorkerUnavailable when none can be started in time, IdentityError when
         the identity is refused (uid/gid 0 or outside the configured ranges).
@@ -49,6 +91,11 @@ class WorkerPool(Protocol):
 
     def epoch(self, identity: Identity) -> int | None:
         """Epoch of the identity's live worker; None once it died or was stopped."""
+        ...
+
+    def state(self, identity: Identity) -> WorkerState:
+        """The identity's live worker and the ones gone lately (what :meth:`epoch` says,
+        plus which workers went and when)."""
         ...
 
 
@@ -108,45 +155,48 @@ class SupervisorClient:
         self.socket_path = socket_path or settings.supervisor_socket
         self._reply_timeout_s = settings.worker_start_timeout_s + _REPLY_GRACE_S
         self._cache_ttl_s = cache_ttl_s
-        self._cache: dict[Identity, tuple[int, float]] = {}
+        self._cache: dict[Identity, tuple[WorkerState, float]] = {}
         self._lock = threading.Lock()
         self._local = threading.local()
         self._connections: list[_Connection] = []
+        self._clock_differs = False
 
     def ensure(self, identity: Identity) -> int:
         """See :meth:`WorkerPool.ensure`; answered from the cache while it is fresh."""
         cached = self._cached(identity)
-        if cached is not None:
-            return cached
-        reply = self._request({"op": "ensure", "uid": identity.uid, "gid": identity.gid})
-        if not reply.get("ok"):
+        if cached is not None and cached.epoch is not None:
+            return cached.epoch
+        reply, state = self._ask({"op": "ensure", "uid": identity.uid, "gid": identity.gid})
+        if not reply.get("ok") or state.epoch is None:
             text = str(reply.get("error", "worker unavailable"))
             if reply.get("kind") == "identity":
                 raise IdentityError(text)
             raise WorkerUnavailable(text)
-        epoch = int(reply["epoch"])
-        self._remember(identity, epoch)
-        return epoch
+        self._remember(identity, state)
+        return state.epoch
 
     def epoch(self, identity: Identity) -> int | None:
-        """See :meth:`WorkerPool.epoch`. No supervisor listening means no live worker
+        """See :meth:`WorkerPool.epoch`."""
+        return self.state(identity).epoch
+
+    def state(self, identity: Identity) -> WorkerState:
+        """See :meth:`WorkerPool.state`. No supervisor listening means no live worker
         (workers die with it); other failures raise WorkerUnavailable."""
         cached = self._cached(identity)
         if cached is not None:
             return cached
         try:
-            reply = self._request({"op": "epoch", "uid": identity.uid, "gid": identity.gid})
+            reply, state = self._ask({"op": "epoch", "uid": identity.uid, "gid": identity.gid})
         except WorkerUnavailable as exc:
             if isinstance(exc.__cause__, OSError) and exc.__cause__.errno in _NO_SUPERVISOR:
-                return None
+                return WorkerState(None, (Gone(None, None),))
             raise
-        epoch = reply.get("epoch")
-        if not reply.get("ok") or epoch is None:
+        if not reply.get("ok") or state.epoch is None:
             with self._lock:
                 self._cache.pop(identity, None)
-            return None
-        self._remember(identity, int(epoch))
-        return int(epoch)
+            return WorkerState(None, state.gone)
+        self._remember(identity, state)
+        return state
 
     def status(self) -> dict[str, Any]:
         """The supervisor's mode, ACL state and worker table (for ``isctl status``)."""
@@ -166,16 +216,38 @@ class SupervisorClient:
 
     # -- internals --------------------------------------------------------------------
 
-    def _cached(self, identity: Identity) -> int | None:
+    def _cached(self, identity: Identity) -> WorkerState | None:
         with self._lock:
             entry = self._cache.get(identity)
         if entry is not None and time.monotonic() < entry[1]:
             return entry[0]
         return None
 
-    def _remember(self, identity: Identity, epoch: int) -> None:
+    def _remember(self, identity: Identity, state: WorkerState) -> None:
         with self._lock:
-            self._cache[identity] = (epoch, time.monotonic() + self._cache_ttl_s)
+            self._cache[identity] = (state, time.monotonic() + self._cache_ttl_s)
+
+    def _ask(self, request: dict[str, Any]) -> tuple[dict[str, Any], WorkerState]:
+        """One ``ensure`` or ``epoch`` round trip: the reply and the state it tells."""
+        before_s = time.monotonic()
+        reply = self._request(request)
+        same_clock = self._same_clock(reply.get("now"), before_s, time.monotonic())
+        epoch = reply.get("epoch")
+        live = int(epoch) if isinstance(epoch, int) and not isinstance(epoch, bool) else None
+        return reply, WorkerState(live, _parse_gone(reply.get("gone"), same_clock))
+
+    def _same_clock(self, now: object, before_s: float, after_s: float) -> bool:
+        """Whether the supervisor's ``time.monotonic()`` is ours (one host, one time
+        namespace): its ``now`` must fall within our round trip. Once it did not, its
+        times are never used again (a loss is then judged by epoch alone)."""
+        if self._clock_differs or now is None:  # None: a supervisor that sends no times
+            return False
+        if isinstance(now, int | float) and before_s <= now <= after_s:
+            return True
+        self._clock_differs = True
+        log.warning("supervisor clock %r is not ours (%.3f..%.3f): its times unused",
+                    now, before_s, after_s)  # fmt: skip
+        return False
 
     def _connection(self) -> _Connection:
         connection: _Connection | None = getattr(self._local, "connection", None)
@@ -210,3 +282,28 @@ class SupervisorClient:
                         f"worker supervisor unreachable at {self.socket_path}: {exc}"
                     ) from exc
         raise AssertionError("unreachable")
+
+
+def _parse_gone(items: object, same_clock: bool) -> tuple[Gone, ...]:
+    """The ``gone`` list of a reply (``[[epoch, monotonic time], ...]``); times are
+    kept only when the supervisor's clock is ours."""
+    if not isinstance(items, list):
+        return ()
+    return tuple(
+        Gone(item[0], float(item[1]) if same_clock else None)
+        for item in items
+        if _is_gone_item(item)
+    )
+
+
+def _is_gone_item(item: object) -> bool:
+    """``[int epoch, number]``."""
+    if not isinstance(item, list) or len(item) != 2:
+        return False
+    epoch, at_s = item
+    return (
+        isinstance(epoch, int)
+        and not isinstance(epoch, bool)
+        and isinstance(at_s, int | float)
+        and not isinstance(at_s, bool)
+    )

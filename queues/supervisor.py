@@ -4,9 +4,13 @@ Runs as root (``is-supervisor``), single-threaded, around one ``selectors`` loop
 its control socket (:mod:`queues.control`), the private sockets of workers being started
 and a signal wake-up pipe. Workers are forked from a preloaded zygote
 (:mod:`queues.forkserver`) and re-parented to this process (a child subreaper), so a
-death is a SIGCHLD here and is reaped at once. Workers idle for ``worker_idle_s`` are
-stopped, at most ``worker_max`` run (the least recently used idle one makes room), and
-SIGTERM stops everything: workers get SIGTERM, then SIGKILL after a grace period.
+death is a SIGCHLD here and is reaped at once, and always before any later request is
+answered: no answer names a dead worker live. ``ensure``/``epoch`` answers also list the
+identity's workers that died or were stopped in the last minute, with when: from that
+the bridge tells which requests a dead worker could have taken (:mod:`queues.pool`).
+Workers idle for ``worker_idle_s`` are stopped, at most ``worker_max`` run (the least
+recently used idle one makes room), and SIGTERM stops everything: workers get SIGTERM,
+then SIGKILL after a grace period.
 
 Not root (development): workers run as the invoking user whatever queue they serve,
 and the log says so once at start.
@@ -22,6 +26,7 @@ import selectors
 import signal
 import socket
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -60,6 +65,10 @@ ACL_CHECK_S = 1.0
 ORPHAN_SWEEP_S = 30.0
 #: Least time between two looks at /proc while sweeping.
 ORPHAN_CHECK_S = 0.5
+#: How long, and how many per identity, workers that died or were stopped are listed in
+#: ``ensure``/``epoch`` replies: the bridge polls every 0.25 s (queues.pool).
+GONE_KEEP_S = 60.0
+GONE_MAX = 8
 _MAX_TICK_S = 1.0
 _SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
@@ -97,6 +106,8 @@ class Supervisor:
         self._live: dict[Identity, Worker] = {}
         self._by_pid: dict[int, Worker] = {}
         self._early_exits: dict[int, int] = {}
+        # Per identity: (epoch, time.monotonic()) of workers that died or were stopped.
+        self._gone: dict[Identity, deque[tuple[int, float]]] = {}
         self._next_epoch = time.time_ns() // 1_000_000
         self._zygote: ForkServer | None = None
         self._control: control.ControlServer | None = None
@@ -250,8 +261,26 @@ class Supervisor:
         else:
             log.warning("worker death queue=%s pid=%d uid=%d gid=%d reason=%s",
                         *worker.log_fields(), how)  # fmt: skip
-            self._fail_waiters(worker, f"worker for {worker.identity.queue} died ({how})")
+            self._note_gone(worker)
+        # Forgotten before its waiters hear of it: whatever they ask next sees it gone.
         self._forget(worker)
+        if worker.state != "stopping":
+            self._fail_waiters(worker, f"worker for {worker.identity.queue} died ({how})")
+
+    def _note_gone(self, worker: Worker) -> None:
+        """Record that a worker that had an epoch (so may have been sent tasks) is gone:
+        the bridge tells from the time whether it could have taken a given task."""
+        if worker.epoch is None:
+            return
+        gone = self._gone.setdefault(worker.identity, deque(maxlen=GONE_MAX))
+        gone.append((worker.epoch, time.monotonic()))
+
+    def _prune_gone(self, now: float) -> None:
+        for identity, gone in list(self._gone.items()):
+            while gone and now - gone[0][1] > GONE_KEEP_S:
+                gone.popleft()
+            if not gone:
+                del self._gone[identity]
 
     def _on_zygote_eof(self) -> None:
         self._reap()  # the zygote closed its end: it is exiting; reap it when it has
@@ -267,7 +296,12 @@ class Supervisor:
     # -- control requests ---------------------------------------------------------------
 
     def _handle_line(self, client: control.Client, line: bytes) -> dict[str, Any] | None:
-        """Answer one request now, or return None when the answer waits for a start."""
+        """Answer one request now, or return None when the answer waits for a start.
+
+        Exits are reaped first, so that a worker already dead is never reported live:
+        a death is always noticed before any later answer (and start).
+        """
+        self._reap()
         try:
             request = decode_message(line)
             op = request.get("op")
@@ -286,19 +320,26 @@ class Supervisor:
             return self._ensure(client, identity)
         return {"ok": False, "kind": "request", "error": f"unknown op {op!r}"}
 
+    def _state(self, identity: Identity) -> dict[str, Any]:
+        """The ``ensure``/``epoch`` answer: the live worker's epoch (None while none runs
+        or it is starting), the workers gone lately with when, and our clock's time."""
+        worker = self._live.get(identity)
+        epoch = worker.epoch if worker is not None and worker.state == "running" else None
+        gone = [list(item) for item in self._gone.get(identity, ())]
+        return {"ok": True, "epoch": epoch, "gone": gone, "now": time.monotonic()}
+
     def _epoch(self, identity: Identity) -> dict[str, Any]:
         worker = self._live.get(identity)
-        if worker is None or worker.state != "running":
-            return {"ok": True, "epoch": None}
-        worker.last_used = time.monotonic()  # a waiting request keeps its worker alive
-        return {"ok": True, "epoch": worker.epoch}
+        if worker is not None and worker.state == "running":
+            worker.last_used = time.monotonic()  # a waiting request keeps its worker alive
+        return self._state(identity)
 
     def _ensure(self, client: control.Client, identity: Identity) -> dict[str, Any] | None:
         now = time.monotonic()
         worker = self._live.get(identity)
         if worker is not None and worker.state == "running":
             worker.last_used = now
-            return {"ok": True, "epoch": worker.epoch}
+            return self._state(identity)
         if worker is None:
             refused = refusal(self.settings, identity)
             if refused is not None:
@@ -415,7 +456,7 @@ class Supervisor:
         elapsed_ms = (time.monotonic() - worker.started_at) * 1000
         log.info("worker start queue=%s pid=%d uid=%d gid=%d epoch=%d reason=request start_ms=%.1f",
                  *worker.log_fields(), worker.epoch, elapsed_ms)  # fmt: skip
-        self._answer_waiters(worker, {"ok": True, "epoch": worker.epoch})
+        self._answer_waiters(worker, self._state(worker.identity))
 
     def _start_failed(self, worker: Worker, reason: str) -> None:
         log.warning("worker start failed queue=%s pid=%d uid=%d gid=%d reason=%s",
@@ -452,6 +493,8 @@ class Supervisor:
         """SIGTERM (Celery's warm shutdown); SIGKILL follows after the grace period."""
         if self._live.get(worker.identity) is worker:
             del self._live[worker.identity]
+        if worker.state == "running":
+            self._note_gone(worker)
         if worker.pid is None:  # forked but silent: closing its socket ends it
             self._fail_waiters(worker, f"worker for {worker.identity.queue} stopped ({reason})")
             self._forget(worker)
@@ -479,6 +522,7 @@ class Supervisor:
     def _tick(self, now: float) -> None:
         if now >= self._next_acl_check and self._live:
             self._check_acl_users()
+        self._prune_gone(now)
         for worker in list(self._live.values()):
             if worker.state == "starting" and now > worker.deadline:
                 timeout_s = self.settings.worker_start_timeout_s

@@ -25,7 +25,7 @@ from bridge.identity import IdentityResolver, IdRange
 from bridge.metrics import BridgeMetrics
 from bridge.outcome import Reply
 from bridge.server import BridgeServer
-from bridge.sessions import SessionVerifier, load_public_key, session_redis
+from bridge.sessions import SeenSessions, SessionVerifier, load_public_key, session_redis
 from istasks.jobs import dumps
 from istasks.redisserver import start_redis
 from istasks.replies import error_frames, success_frames
@@ -148,8 +148,12 @@ class HarnessFactory:
         **overrides: Any,
     ) -> BridgeHarness:
         settings = bridge_settings(self.redis_url, self.keys, **overrides)
+        # Verified-session markers in the test Redis, as bridges on several hosts share them.
+        seen = SeenSessions(session_redis(settings.broker or self.redis_url))
         sessions = SessionVerifier(
-            session_redis(settings.sessions), load_public_key(settings.session_public_key)
+            session_redis(settings.sessions),
+            load_public_key(settings.session_public_key),
+            seen=seen,
         )
         identities = IdentityResolver(policy, uids=ANY_ID, gids=ANY_ID)
         dispatcher = ScriptedDispatcher()

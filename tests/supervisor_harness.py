@@ -111,7 +111,7 @@ def process_gone(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/status") as status:
             return any(line.startswith("State:\tZ") for line in status)
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # ESRCH: reaped while we read
         return True
 
 

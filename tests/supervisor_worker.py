@@ -61,7 +61,8 @@ def _redis(*args: str) -> dict[str, Any]:
 
 def register(app: Celery, queue: str, queue_key: bytes) -> None:
     """Add the probe tasks, and an ``is.jpeg`` that sleeps for the job's ``sleep_s`` (a
-    request a test can leave in flight while it kills the worker, contract 5)."""
+    request a test can leave in flight while it kills the worker, contract 5), or, with
+    ``sleep_once`` (a path), only when it is the first to create that file."""
 
     def whoami() -> dict[str, Any]:
         return _whoami(queue_key)
@@ -72,7 +73,13 @@ def register(app: Celery, queue: str, queue_key: bytes) -> None:
 
     def jpeg(token: str) -> dict[str, Any]:
         payload = open_envelope(queue_key, queue, token, 120)
-        time.sleep(float(payload["job"].get("sleep_s", 0)))
+        job = payload["job"]
+        if "sleep_once" in job:
+            try:
+                os.close(os.open(job["sleep_once"], os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                return {"frames": [b"{}", b"{}", b"\xff\xd8"]}
+        time.sleep(float(job.get("sleep_s", 0)))
         return {"frames": [b"{}", b"{}", b"\xff\xd8"]}
 
     app.task(name="is.jpeg")(jpeg)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -11,12 +14,20 @@ import numpy as np
 import pytest
 import redis
 
-from istasks.cache import ByteLRU, FileVersion, ReaderCache, ReducedCache, stat_version
+from istasks import cache as cache_module
+from istasks.cache import (
+    ByteLRU,
+    FileVersion,
+    ReaderCache,
+    ReducedCache,
+    holder_gone,
+    stat_version,
+)
 from istasks.core.params import ViewParams
 from istasks.core.readers.base import Frame
 from istasks.core.view import Reduced, reduce_frame
 from istasks.errors import DataUnavailable
-from istasks.keys import REDUCED, stats_key
+from istasks.keys import REDUCED, lock_key, stats_key
 from istasks.redisserver import free_port
 from tests.processes import wait_for
 
@@ -216,6 +227,64 @@ def test_identical_requests_of_two_workers_compute_once(
     stats = caches[0].stats()
     assert stats["computed"] == 1
     assert stats["hits"] == 2
+
+
+def test_lock_of_a_dead_holder_holds_up_nobody(
+    redis_url: str, image_file: Path, rng: np.random.Generator
+) -> None:
+    """A worker killed mid-computation leaves its lock for LOCK_TTL_S; the next worker
+    to want the image sees its holder gone and computes at once (issue 19: a view sent
+    again after its worker died waited LOCK_WAIT_S, past its deadline)."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    cache = make_cache(redis_url)
+    lock = lock_key(GID, cache.key(stat_version(str(image_file)), VIEW.cache_token()))
+    client = redis.Redis.from_url(redis_url)
+    client.set(lock, f"{dead.pid}@{socket.gethostname()}/killed", px=15_000)
+    compute = Computer(rng)
+    started = time.monotonic()
+    cache.get(str(image_file), VIEW.cache_token(), compute)
+    assert time.monotonic() - started < 1.0
+    assert compute.calls == 1 and client.exists(lock) == 0
+
+
+@pytest.mark.parametrize("holder", ["this process", "another host"])
+def test_lock_of_a_live_holder_is_waited_for(
+    redis_url: str,
+    image_file: Path,
+    rng: np.random.Generator,
+    monkeypatch: pytest.MonkeyPatch,
+    holder: str,
+) -> None:
+    monkeypatch.setattr(cache_module, "LOCK_WAIT_S", 0.5)
+    cache = make_cache(redis_url)
+    lock = lock_key(GID, cache.key(stat_version(str(image_file)), VIEW.cache_token()))
+    host = socket.gethostname() if holder == "this process" else "elsewhere"
+    redis.Redis.from_url(redis_url).set(lock, f"{os.getpid()}@{host}/computing", px=15_000)
+    started = time.monotonic()
+    cache.get(str(image_file), VIEW.cache_token(), Computer(rng))
+    assert time.monotonic() - started >= 0.5
+
+
+def test_holder_gone_only_for_a_process_of_this_host_that_ended() -> None:
+    here = socket.gethostname()
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])
+    wait_for(lambda: _state(zombie.pid) == "Z", 10.0, "the child to exit unreaped")
+    try:
+        assert holder_gone(f"{zombie.pid}@{here}/x".encode())
+        assert not holder_gone(f"{os.getpid()}@{here}/x".encode())
+        assert not holder_gone(b"1@" + here.encode() + b"/x")  # init lives
+        assert not holder_gone(f"{zombie.pid}@elsewhere/x".encode())
+        assert not holder_gone(b"0123456789abcdef")  # an older worker's value
+    finally:
+        zombie.wait()
+    assert holder_gone(f"{zombie.pid}@{here}/x".encode())
+
+
+def _state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat", "rb") as stat:
+        text = stat.read()
+    return text[text.rfind(b")") + 2 : text.rfind(b")") + 3].decode()
 
 
 def test_failed_computation_is_not_cached_and_shared_with_waiters(

@@ -206,7 +206,8 @@ def test_logged_out_session_refused_next_request(stack: Stack, data_dir: Path) -
     client = _admin(stack)
     client.delete(other)
     client.close()
-    assert_error_reply(request(stack.endpoint, job, timeout_s=30), "is not authorized (2)")
+    # "(7)": verified before and now gone (spec 3.3), as the original answered.
+    assert_error_reply(request(stack.endpoint, job, timeout_s=30), "is not authorized (7)")
 
 
 def test_forged_envelope_refused_by_worker(stack: Stack, pid: str, data_dir: Path) -> None:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import shutil
 import struct
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -18,7 +21,15 @@ import pytest
 from istasks.core import bslz4
 from istasks.core.readers.base import FrameReader
 from istasks.core.readers.eiger import EigerReader
-from istasks.core.readers.eiger_meta import SKIP, read_value
+from istasks.core.readers.eiger_meta import (
+    COMMON,
+    DCU_1_6,
+    DCU_1_8,
+    SKIP,
+    dcu_version,
+    mapping_for,
+    read_value,
+)
 from istasks.errors import DataUnavailable, FrameNotFound, UnknownFormat
 from istasks.testdata.eiger import (
     REAL_DATA_FILE,
@@ -34,6 +45,9 @@ SMALL = (60, 70)
 #: A module tiling small enough to put gaps inside SMALL frames.
 SMALL_TILING: dict[str, Any] = {"module": (24, 30), "gap": (4, 3)}
 DS = "/entry/instrument/detector/detectorSpecific"
+G = "/entry/sample/goniometer"
+#: The compatibility kit's data generator (replies recorded from the original on its data).
+COMPAT_GENERATOR = Path(__file__).resolve().parents[2] / "shared" / "compat" / "make_testdata.py"
 
 COMMON_KEYS = {
     "auto_summation", "beam_center_x", "beam_center_y", "bit_depth_image",
@@ -238,6 +252,114 @@ def test_dcu_1_6_metadata(tmp_path: Path) -> None:
     assert meta["software_version"] == "1.6.0"
     assert meta["omega_increment"] == float(np.float32(0.1))
     assert meta["countrate_correction_bunch_mode"] == "continuous"
+
+
+def test_dcu_1_6_6_master_has_the_16_keys_of_the_1_6_table(tmp_path: Path) -> None:
+    # Issue 11: a DCU 1.6.6 master got the 1.8 table and lacked these 16 keys.
+    master = write_eiger(tmp_path, nimages=2, frames_per_file=2, shape=SMALL, dcu="1.6.6")
+    with EigerReader(str(master)) as reader:
+        meta = reader.meta()
+    assert meta["software_version"] == "1.6.6"
+    assert {
+        "calibration_type", "chi_increment", "chi_start", "countrate_correction_bunch_mode",
+        "detector_readout_period", "efficiency_correction_applied", "kappa_increment",
+        "kappa_start", "nframes_sum", "omega_increment", "omega_start", "phi_increment",
+        "phi_start", "summation_nimages", "two_theta_increment", "two_theta_start",
+    } == DCU_1_6_KEYS  # fmt: skip
+    assert set(meta) == COMMON_KEYS | DCU_1_6_KEYS | DERIVED_KEYS
+
+
+@pytest.mark.parametrize(
+    ("version", "layout"),
+    [("1.6.0", "1.6"), ("1.6.6", "1.6"), ("1.7.4", "1.6"), ("1.8.0", "1.8"),
+     ("1.8.1", "1.8"), ("1.10.0", "1.8"), ("2.1.0", "1.8")],
+)  # fmt: skip
+def test_table_follows_the_dcu_version(tmp_path: Path, version: str, layout: str) -> None:
+    # Both layouts' datasets are in the file, so only the version can pick the table.
+    master = write_eiger(tmp_path, nimages=1, frames_per_file=1, shape=SMALL, dcu=version)
+    _add_other_layout(master, layout)
+    with EigerReader(str(master)) as reader:
+        keys = set(reader.meta())
+    assert keys == COMMON_KEYS | DERIVED_KEYS | (DCU_1_6_KEYS if layout == "1.6" else DCU_1_8_KEYS)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("1.6.6", (1, 6)), (" v1.7.4-rc2", (1, 7)), ("2.1", (2, 1)), (1.8, (1, 8)),
+     ("", None), ("unknown", None), ("1", None), (None, None), ([1, 8], None), (True, None)],
+)  # fmt: skip
+def test_dcu_version_parsing(value: object, expected: tuple[int, int] | None) -> None:
+    assert dcu_version(value) == expected
+    table = mapping_for(value)
+    if expected is None:
+        assert table is None
+    else:
+        assert table is (DCU_1_6 if expected < (1, 8) else DCU_1_8)
+
+
+@pytest.mark.parametrize("layout", ["1.6", "1.8"])
+@pytest.mark.parametrize(
+    "version", [None, "unknown", b"\xff\xfe"], ids=["missing", "text", "bytes"]
+)
+def test_no_usable_version_the_layout_decides(
+    tmp_path: Path, layout: str, version: str | bytes | None
+) -> None:
+    master = write_eiger(tmp_path, nimages=2, frames_per_file=2, shape=SMALL, dcu=layout)
+    with h5py.File(master, "r+") as file:
+        del file[f"{DS}/software_version"]
+        if version is not None:
+            file[f"{DS}/software_version"] = np.bytes_(version)
+    with EigerReader(str(master)) as reader:
+        keys = set(reader.meta())
+    own, other = (DCU_1_6_KEYS, DCU_1_8_KEYS) if layout == "1.6" else (DCU_1_8_KEYS, DCU_1_6_KEYS)
+    assert own <= keys and not other & keys
+
+
+def test_no_version_and_neither_layout_takes_the_1_6_table(tmp_path: Path) -> None:
+    # The original's choice for anything but "1.8.0": common keys plus whatever 1.6 has.
+    master = write_eiger(tmp_path, nimages=1, frames_per_file=1, shape=SMALL, dcu="1.8")
+    with h5py.File(master, "r+") as file:
+        for name in ("software_version", *DCU_1_8_KEYS):
+            for path in (f"{DS}/{name}", *_paths_of(name)):
+                if path in file:
+                    del file[path]
+        file[f"{G}/omega_increment"] = np.float32(0.25)
+    with EigerReader(str(master)) as reader:
+        meta = reader.meta()
+    assert meta["omega_increment"] == 0.25
+    assert not DCU_1_8_KEYS & set(meta)
+
+
+def _paths_of(name: str) -> tuple[str, ...]:
+    return DCU_1_8.get(name, ()) + DCU_1_6.get(name, ())
+
+
+def _add_other_layout(master: Path, layout: str) -> None:
+    """Write the other layout's own datasets too (as the compat data generator does)."""
+    other = DCU_1_8 if layout == "1.6" else DCU_1_6
+    with h5py.File(master, "r+") as file:
+        for name, paths in other.items():
+            if name not in COMMON and paths[0] not in file:
+                file[paths[0]] = np.float32(1.0)
+
+
+@pytest.mark.skipif(not COMPAT_GENERATOR.exists(), reason="../shared/compat absent")
+def test_golden_dcu_1_6_6_meta_matches_the_original(tmp_path: Path) -> None:
+    # The compat kit's small_1 master (DCU 1.6.6, both layouts' datasets in the file):
+    # every detector key and value the original sent for it, nothing more.
+    subprocess.run(
+        [sys.executable, str(COMPAT_GENERATOR), str(tmp_path), "--which", "small"],
+        check=True, capture_output=True, timeout=120,
+    )  # fmt: skip
+    manifest = json.loads((COMPAT_GENERATOR.parent / "golden" / "manifest.json").read_text())
+    case = next(c for c in manifest["cases"] if c["id"] == "small_f1_x512")
+    master = tmp_path / "small_1_master.h5"
+    with EigerReader(str(master)) as reader:
+        meta = dict(reader.read_frame(1).meta)
+    view_keys = {"n", "mean", "rms", "stddev", "min", "max", "spots", "nSaturated"}
+    expected = {k: v for k, v in case["meta"].items() if k not in view_keys}
+    expected["fn"] = str(master)
+    assert meta == expected
 
 
 def test_lookup_table_under_either_name(five_frames: Path) -> None:

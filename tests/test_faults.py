@@ -21,6 +21,8 @@ import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -41,13 +43,19 @@ from istasks.settings import Settings
 from istasks.stack import Stack, dev_user
 from istasks.testdata.eiger import write_eiger
 from queues.pool import SupervisorClient
-from tests.processes import wait_for
+from tests.processes import terminate, wait_for
+from tests.supervisor_harness import ROOT
 from tests.wire_assert import assert_error_reply, assert_success_reply
 
 pytestmark = pytest.mark.slow
 
 #: Issue 4's bound: a request whose worker died is answered within this.
 WORKER_DEATH_BOUND_S = 5.0
+#: Issue 19: worker kills in a row, each with the next request sent at once.
+DEATH_ROUNDS = 21
+#: Processes that keep the CPUs busy beside the stack, and how long they run at most.
+BUSY_PROCESSES = 2
+BUSY_S = 90.0
 #: A request during a Redis outage is answered within this (it must never hang).
 OUTAGE_REPLY_BOUND_S = 5.0
 #: After Redis is back, a normal view succeeds within this.
@@ -226,6 +234,90 @@ def test_worker_sigkill_mid_request(make_rig: Callable[..., Rig]) -> None:
         assert len(client.collect(1.0)) == 1, "a second reply to the killed request"
     finally:
         client.close()
+
+
+@pytest.mark.root
+@pytest.mark.skipif(not ROOT, reason="needs root (setuid workers)")
+def test_worker_death_spares_the_next_request(make_rig: Callable[..., Rig]) -> None:
+    """Issue 19: with the CPUs busy, the worker is SIGKILLed around a view and the client
+    sends its next view the moment it has its answer; 21 times. Every next view is
+    served (regression: it failed as "worker ... died while serving jpeg" although the
+    dead worker never saw it: the bridge's cached epoch sent it to a worker already
+    dead); a view in flight at the kill is answered within 5 s, by a view sent again
+    to the new worker (or by the one error); every request gets exactly its own reply.
+
+    The kill comes in turn: while the worker computes the view (holding the image's
+    cache lock, which the new worker must not wait out), a few milliseconds after the
+    send (wherever the request then is), or just after the view was served.
+    """
+    rig = make_rig()
+    assert_success_reply(request(rig.stack.endpoint, rig.job(), timeout_s=30), 4)
+    admin = rig.admin()
+    client = Client(rig.stack.endpoint)
+    busy = [_busy_process(BUSY_S) for _ in range(BUSY_PROCESSES)]
+    retried = 0
+    try:
+        for n in range(DEATH_ROUNDS):
+            pid, first = rig.worker()["pid"], f"first-{n}"
+            locks = _locks(admin)
+            client.send(rig.job(xsize=300 + n, frame=1 + n % 4, tag=first))
+            if n % 3 == 0:
+                _until_computing(admin, locks, timeout_s=3.0)
+            elif n % 3 == 1:
+                time.sleep(0.003 * (n % 7))
+            else:
+                _own_reply(client, first, 15, view=True)
+            os.kill(pid, signal.SIGKILL)
+            killed_at = time.monotonic()
+            if n % 3 != 2:
+                reply = _own_reply(client, first, WORKER_DEATH_BOUND_S + 5)
+                answered_s = time.monotonic() - killed_at
+                assert answered_s <= WORKER_DEATH_BOUND_S, f"{first}: after {answered_s:.1f} s"
+                if reply[0] != b"":
+                    assert_error_reply(reply, "died while serving jpeg")
+                retried += reply[0] == b""
+            client.send(rig.job(xsize=600 + n, frame=1 + (n + 1) % 4, tag=f"next-{n}"))
+            _own_reply(client, f"next-{n}", 15, view=True)
+        assert len(client.collect(1.0)) == 2 * DEATH_ROUNDS, "a second reply to a request"
+        assert retried > 0, "no view in flight at a kill was sent again"
+    finally:
+        client.close()
+        admin.close()
+        for process in busy:
+            terminate(process, signum=signal.SIGKILL)
+
+
+def _busy_process(seconds: float) -> subprocess.Popen[bytes]:
+    """A process that keeps one CPU busy and ends by itself after ``seconds``."""
+    code = f"import time\nend = time.monotonic() + {seconds}\nwhile time.monotonic() < end: pass"
+    return subprocess.Popen([sys.executable, "-c", code])
+
+
+def _locks(admin: redis.Redis) -> set[bytes]:
+    """The reduced images' computation locks held now."""
+    return set(admin.keys(f"{keys.LOCK}:*"))
+
+
+def _until_computing(admin: redis.Redis, before: set[bytes], timeout_s: float) -> None:
+    """Wait until a worker holds a computation lock not in ``before`` (or the time is
+    up: the view may have been answered already)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and not _locks(admin) - before:
+        time.sleep(0.002)
+
+
+def _own_reply(client: Client, tag: str, wait_s: float, *, view: bool = False) -> list[bytes]:
+    """The next reply, which must be the one to the request tagged ``tag`` (a success
+    echoes its job; an error names no tag, so it must come while that one is the only
+    request unanswered); a view when ``view``."""
+    expected = len(client.replies) + 1
+    replies = client.collect(wait_s, until=expected)
+    assert len(replies) == expected, f"no reply to {tag} within {wait_s:g} s"
+    reply = replies[-1]
+    if view or reply[0] == b"":
+        echo = assert_success_reply(reply, 4)[0]
+        assert json.loads(echo)["tag"] == tag, f"reply to {tag} is {echo[:200]!r}"
+    return reply
 
 
 # -- the bridge dies ---------------------------------------------------------------------
@@ -526,8 +618,9 @@ class _Stream:
 def test_session_deleted_mid_stream(make_rig: Callable[..., Rig]) -> None:
     """Four clients stream views; the session key is deleted (a logout). Every request,
     in flight or not, gets exactly one reply; every request sent after the DEL returned
-    is refused with the one-frame ``(2)`` error; every reply received before the DEL was
-    sent is a success (requests in between may go either way)."""
+    is refused with the one-frame ``(7)`` error (verified before, now gone); every reply
+    received before the DEL was sent is a success (requests in between may go either
+    way)."""
     rig = make_rig()
     assert_success_reply(request(rig.stack.endpoint, rig.job(), timeout_s=30), 4)
     stop = threading.Event()
@@ -555,7 +648,7 @@ def test_session_deleted_mid_stream(make_rig: Callable[..., Rig]) -> None:
         ]
         assert sent_after and got_before
         for reply in sent_after:
-            assert_error_reply(reply, f"Process {rig.pid} is not authorized (2)")
+            assert_error_reply(reply, f"Process {rig.pid} is not authorized (7)")
         for reply in got_before:
             assert_success_reply(reply, 4)
 

@@ -184,7 +184,9 @@ def _check_file_reply(probe: Probe, reply: list[bytes], tree: HostileTree) -> No
     job = json.loads(probe.frames[1])
     path = job.get("fn", job.get("fn1"))
     good = path in tree.aliases or path in map(str, tree.good)
-    if job["type"] == "jpeg":
+    if "\0" in path:  # "\u0000" in the JSON text: jansson refused it, and so do we
+        assert_error_reply(reply, "\\u0000 is not allowed without JSON_ALLOW_NUL")
+    elif job["type"] == "jpeg":
         echo, meta, _ = assert_success_reply(reply, 4)
         assert (meta != b"") == good, f"{probe.note}: meta {meta[:100]!r}"
         reason = json.loads(echo).get("error")

@@ -56,8 +56,9 @@ def _isolated(code: str, *, timeout_s: float = 60.0, max_bytes: int = 2 << 30) -
 @pytest.mark.parametrize(
     ("payload", "text"),
     [
-        (b'{"pid":"p","label":"\\ud800"}', "unpaired surrogate"),  # echo could not be encoded
-        (b'{"pid":"p","label":"x\\udfff"}', "unpaired surrogate"),
+        # The echo could not be encoded; jansson's texts (bridge.jansson).
+        (b'{"pid":"p","label":"\\ud800"}', "invalid Unicode '\\uD800'"),
+        (b'{"pid":"p","label":"x\\udfff"}', "invalid Unicode '\\uDFFF'"),
         (b'{"pid":"p","zoom":9223372036854775808}', "too big integer"),
         (b'{"pid":"p","zoom":-9223372036854775809}', "too big negative integer"),
         (b'{"pid":"p","zoom":' + b"9" * 5000 + b"}", "too big integer"),  # not a 4300-digit error

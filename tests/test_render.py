@@ -14,6 +14,7 @@ import numpy.typing as npt
 import pytest
 from PIL import Image
 
+from istasks import jobs
 from istasks.core.contrast import (
     RED,
     Levels,
@@ -23,7 +24,7 @@ from istasks.core.contrast import (
     to_8bit,
 )
 from istasks.core.jpeg import Encoded, encode_jpeg, encode_view
-from istasks.core.label import MAX_LABEL_CHARS, banner_text, draw_banner
+from istasks.core.label import MAX_LABEL_BYTES, banner_text, draw_banner
 from istasks.core.params import ContrastParams, LabelParams, ViewParams
 from istasks.core.readers.base import Frame, PixelMask
 from istasks.core.view import Reduced, reduce_frame, render_blank, render_jpeg
@@ -207,9 +208,9 @@ def test_banner_in_rendered_jpeg() -> None:
         ("x_1", {"frame": 7, "first_frame": 1, "last_frame": 100}, "x_1 7"),
         ("x_1", {"frame": 1, "first_frame": 1, "last_frame": 1}, "x_1"),
         ("x_1", {}, "x_1"),
-        ("a\tb\x00c\x7fd", {}, "abcd"),
+        ("a\tb\x7fc\x00d", {}, "a\tb\x7fc"),  # kept: skipped when drawn; a NUL ends it
         ("é✓", {}, "é✓"),
-        ("y" * 70, {"frame": 3, "first_frame": 1, "last_frame": 5}, "y" * MAX_LABEL_CHARS),
+        ("y" * 70, {"frame": 3, "first_frame": 1, "last_frame": 5}, "y" * MAX_LABEL_BYTES),
         ("", {"frame": 3, "first_frame": 1, "last_frame": 5}, " 3"),
     ],
 )
@@ -357,7 +358,7 @@ def test_reduced_round_trip(rng: np.random.Generator, dtype: type[np.unsignedint
 
 def _cached(header: dict[str, Any], pixel_bytes: bytes) -> bytes:
     text = json.dumps(header).encode()
-    return struct.pack("<4sI", b"ISR1", len(text)) + text + pixel_bytes
+    return struct.pack("<4sI", b"ISR2", len(text)) + text + pixel_bytes
 
 
 GOOD_HEADER = {"dtype": "<u2", "shape": [2, 3], "saturation": 65535, "meta": {}}
@@ -367,11 +368,11 @@ GOOD_HEADER = {"dtype": "<u2", "shape": [2, 3], "saturation": 65535, "meta": {}}
     "data",
     [
         b"",
-        b"ISR1",
+        b"ISR2",
         b"XXXX" + bytes(20),
-        struct.pack("<4sI", b"ISR1", 1000) + b"{}",
-        struct.pack("<4sI", b"ISR1", 3) + b"{x}",
-        struct.pack("<4sI", b"ISR1", 2) + b"\xff\xfe",
+        struct.pack("<4sI", b"ISR2", 1000) + b"{}",
+        struct.pack("<4sI", b"ISR2", 3) + b"{x}",
+        struct.pack("<4sI", b"ISR2", 2) + b"\xff\xfe",
         _cached(GOOD_HEADER, bytes(11)),
         _cached(GOOD_HEADER, bytes(13)),
         _cached({**GOOD_HEADER, "dtype": "<f8"}, bytes(12)),
@@ -381,7 +382,7 @@ GOOD_HEADER = {"dtype": "<u2", "shape": [2, 3], "saturation": 65535, "meta": {}}
         _cached({**GOOD_HEADER, "shape": [10**30, 1]}, bytes(12)),
         _cached({**GOOD_HEADER, "saturation": "max"}, bytes(12)),
         _cached({**GOOD_HEADER, "meta": []}, bytes(12)),
-        struct.pack("<4sI", b"ISR1", 2) + b"[]",
+        struct.pack("<4sI", b"ISR2", 2) + b"[]",
     ],
 )
 def test_corrupt_cached_reduced_is_data_unavailable(data: bytes) -> None:
@@ -392,3 +393,68 @@ def test_corrupt_cached_reduced_is_data_unavailable(data: bytes) -> None:
 def test_minimal_cached_reduced_is_accepted() -> None:
     back = Reduced.from_bytes(_cached(GOOD_HEADER, np.arange(6, dtype="<u2").tobytes()))
     assert back.pixels.tolist() == [[0, 1, 2], [3, 4, 5]]
+    assert back.sentinel is None
+
+
+def test_cached_reduced_of_the_tiling_algorithm_is_refused() -> None:
+    # "ISR1" entries hold the old tiling reduction (before issue 11): never served.
+    text = json.dumps(GOOD_HEADER).encode()
+    old = struct.pack("<4sI", b"ISR1", len(text)) + text + bytes(12)
+    with pytest.raises(DataUnavailable, match="bad header"):
+        Reduced.from_bytes(old)
+
+
+@pytest.mark.parametrize(
+    ("pixels", "sentinel"),
+    [(np.full((64, 64), 7, np.uint16), 0xFFFF), (np.full((4, 4), 7, np.uint16), None)],
+)
+def test_cached_reduced_keeps_its_sentinel(pixels: npt.NDArray[Any], sentinel: int | None) -> None:
+    # A 16-bit box view leaves 0xFFFF out of the statistics; a nearest view counts it.
+    reduced = reduce_frame(Frame(pixels, None, U16_SAT, {}), ViewParams(xsize=8))
+    assert reduced.sentinel == sentinel
+    assert Reduced.from_bytes(reduced.to_bytes()).sentinel == sentinel
+
+
+@pytest.mark.parametrize("sentinel", ["65535", True, 1.5])
+def test_cached_reduced_with_a_bad_sentinel_is_data_unavailable(sentinel: object) -> None:
+    with pytest.raises(DataUnavailable, match="sentinel"):
+        Reduced.from_bytes(_cached({**GOOD_HEADER, "sentinel": sentinel}, bytes(12)))
+
+
+# --- request fields read as the original read them (spec 1.4, 5.5, 5.7) -----------------
+
+
+@pytest.mark.parametrize(
+    ("job", "expected"),
+    [
+        ({"wval": 5, "contrast": 200}, ContrastParams(wval=5, contrast=200)),
+        ({"wval": 5.0, "contrast": 200.0}, ContrastParams(wval=0, contrast=0)),  # reals: 0
+        ({"wval": "5", "contrast": "200"}, ContrastParams(wval=0, contrast=0)),
+        ({"wval": True}, ContrastParams(wval=0, contrast=0)),
+        ({}, ContrastParams(wval=0, contrast=0)),  # missing: white 0, black automatic
+        ({"wval": -1, "contrast": -1}, ContrastParams(wval=-1, contrast=-1)),
+    ],
+)
+def test_contrast_fields_are_json_integers(job: dict[str, Any], expected: ContrastParams) -> None:
+    assert jobs.contrast_params(job) == expected
+
+
+def test_real_contrast_means_automatic_levels() -> None:
+    # "contrast": 200.0 reads as 0, so bval = (int)(mean + stddev) (spec 5.7).
+    meta = {"mean": 100.7, "stddev": 20.5}
+    levels = contrast_levels(jobs.contrast_params({"wval": 5.0, "contrast": 200.0}), meta)
+    assert levels == Levels(0, 121)
+
+
+@pytest.mark.parametrize(
+    ("zoom", "expected"),
+    [(1.25, 1.3), (1.26, 1.3), (1.24, 1.2), (2.05, 2.1), (1.15, 1.2), (1.04, 1.0), (0.5, 1.0)],
+)
+def test_zoom_rounds_halves_up_like_the_original(zoom: float, expected: float) -> None:
+    # floor(10 * zoom + 0.5) / 10 (spec 5.5); Python's round() would give 1.2 for 1.25.
+    assert jobs.view_params({"zoom": zoom, "segcol": 1, "segrow": 1}).zoom == expected
+
+
+def test_zoom_of_one_or_less_drops_the_segments() -> None:
+    params = jobs.view_params({"zoom": 1.04, "segcol": 2.5, "segrow": -1})
+    assert (params.zoom, params.segcol, params.segrow) == (1.0, 0.0, 0.0)

@@ -225,7 +225,7 @@ def test_logged_out_session_is_refused_at_the_next_request(
     job = _job(pid, data_dir / "open_master.h5")
     assert_success_reply(request(stack.endpoint, job, timeout_s=30), 4)
     admin.delete(pid)  # what the login service does at logout
-    assert request(stack.endpoint, job, timeout_s=30) == [REFUSED.format(pid=pid, code=2).encode()]
+    assert request(stack.endpoint, job, timeout_s=30) == [REFUSED.format(pid=pid, code=7).encode()]
 
 
 # -- the broker: tasks without a valid envelope ----------------------------------------

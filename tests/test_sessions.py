@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import redis
@@ -15,12 +16,14 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from bridge.devsession import generate_keypair, isauth_for, sign_isauth, write_session
 from bridge.sessions import (
+    SeenSessions,
     SessionConfigError,
     SessionStoreUnavailable,
     SessionVerifier,
     load_public_key,
     session_redis,
 )
+from istasks import keys
 from istasks.errors import AuthError
 from istasks.settings import Settings
 from tests.wire_assert import assert_error_reply, assert_success_reply
@@ -87,7 +90,159 @@ def test_logout_refuses_the_next_request(
     _login(store, session_keys)
     verifier.verify(PID, 0)
     store.delete(PID)
+    _refused(verifier, "(7)")  # spec 3.3: the original still had this pair's process
+
+
+# -- "(7)" after logout or expiry, "(2)" for a pid never seen ------------------------------
+
+
+class CountingStore:
+    """The marker store with its SET/EXISTS calls counted (what the request path costs)."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.client = client
+        self.sets = 0
+        self.exists_calls = 0
+
+    def set(self, *args: Any, **kwargs: Any) -> Any:
+        self.sets += 1
+        return self.client.set(*args, **kwargs)
+
+    def exists(self, *names: str) -> int:
+        self.exists_calls += 1
+        return int(self.client.exists(*names))
+
+    def close(self) -> None:
+        pass
+
+
+class Clock:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _verifier(
+    store: redis.Redis, keys: SessionKeys, seen_store: Any = None, **seen: Any
+) -> SessionVerifier:
+    key = load_public_key(str(keys.public_path))
+    return SessionVerifier(store, key, seen=SeenSessions(seen_store, **seen))
+
+
+def test_never_seen_pid_is_2(verifier: SessionVerifier) -> None:
+    _refused(verifier, "(2)", pid="never-seen")
+
+
+def test_expired_session_is_7(
+    verifier: SessionVerifier, store: redis.Redis, session_keys: SessionKeys
+) -> None:
+    text, sig = sign_isauth(session_keys.private_pem, isauth_for(PID, "someone", [51234]))
+    write_session(store, PID, text, sig, ttl_s=1)
+    verifier.verify(PID, 51234)
+    store.pexpire(PID, 1)  # the login service's TTL runs out
+    time.sleep(0.05)
+    _refused(verifier, "(7)", esaf=51234)
+
+
+def test_seen_is_per_pid_and_esaf_as_the_original_processes_were(
+    verifier: SessionVerifier, store: redis.Redis, session_keys: SessionKeys
+) -> None:
+    _login(store, session_keys, esafs=[51234, 51235])
+    verifier.verify(PID, 51234)
+    store.delete(PID)
+    _refused(verifier, "(7)", esaf=51234)
+    _refused(verifier, "(2)", esaf=51235)  # no process for (pid, 51235) in the original
+
+
+def test_refused_requests_are_not_remembered(
+    verifier: SessionVerifier, store: redis.Redis, session_keys: SessionKeys
+) -> None:
+    _login(store, session_keys, esafs=[1])
+    with pytest.raises(AuthError):
+        verifier.verify(PID, 51234)  # ESAF not allowed: the original started no process
+    store.delete(PID)
+    _refused(verifier, "(2)", esaf=51234)
+
+
+def test_record_without_isauth_stays_2(
+    verifier: SessionVerifier, store: redis.Redis, session_keys: SessionKeys
+) -> None:
+    _login(store, session_keys)
+    verifier.verify(PID, 0)
+    store.hdel(PID, "isAuth")  # the key exists: not a logout
     _refused(verifier, "(2)")
+
+
+def test_another_bridge_on_the_same_redis_answers_7(
+    store: redis.Redis, session_keys: SessionKeys, redis_url: str
+) -> None:
+    first = _verifier(store, session_keys, redis.Redis.from_url(redis_url))
+    second = _verifier(store, session_keys, redis.Redis.from_url(redis_url))
+    alone = _verifier(store, session_keys)  # no shared store: its own memory only
+    try:
+        _login(store, session_keys)
+        first.verify(PID, 0)
+        store.delete(PID)
+        _refused(second, "(7)")
+        _refused(alone, "(2)")
+        markers = [k.decode() for k in store.scan_iter(match=f"{keys.SEEN}:*")]
+        assert markers == [keys.seen_session_key(PID, 0)]
+        assert PID not in markers[0]  # a digest: session tokens stay out of key names
+        assert keys.SEEN_TTL_S - 5 < store.ttl(markers[0]) <= keys.SEEN_TTL_S
+    finally:
+        for checker in (first, second, alone):
+            checker.close()
+
+
+def test_markers_cost_no_round_trip_per_request(
+    store: redis.Redis, session_keys: SessionKeys
+) -> None:
+    counting, clock = CountingStore(store), Clock()
+    verifier = _verifier(store, session_keys, counting, refresh_s=60.0, clock=clock)
+    _login(store, session_keys)
+    for _ in range(50):
+        verifier.verify(PID, 0)
+    assert (counting.sets, counting.exists_calls) == (1, 0)
+    clock.now += 61.0  # renewed at most once per refresh period
+    verifier.verify(PID, 0)
+    verifier.verify(PID, 0)
+    assert counting.sets == 2
+    _refused(verifier, "(2)", pid="unknown")  # only a missing session reads the marker
+    assert counting.exists_calls == 1
+
+
+def test_memory_forgets_after_the_ttl_and_stays_bounded(
+    store: redis.Redis, session_keys: SessionKeys
+) -> None:
+    clock = Clock()
+    verifier = _verifier(store, session_keys, ttl_s=100.0, clock=clock, max_entries=2)
+    for pid in ("a", "b", "c"):
+        _login(store, session_keys, pid=pid)
+        verifier.verify(pid, 0)
+        store.delete(pid)
+    _refused(verifier, "(2)", pid="a")  # evicted: the memory holds two pairs
+    _refused(verifier, "(7)", pid="c")
+    clock.now += 101.0
+    _refused(verifier, "(2)", pid="c")
+
+
+def test_marker_store_down_never_fails_a_request(
+    store: redis.Redis, session_keys: SessionKeys, own_redis: OwnRedis
+) -> None:
+    verifier = _verifier(store, session_keys, session_redis(own_redis.url))
+    try:
+        own_redis.stop()
+        _login(store, session_keys)
+        assert verifier.verify(PID, 0).pid == PID  # the marker write fails quietly
+        store.delete(PID)
+        _refused(verifier, "(7)")  # this bridge's memory still knows
+        _refused(verifier, "(2)", pid="other")  # the marker read fails: "(2)"
+    finally:
+        verifier.close()
 
 
 def test_missing_signature_field(verifier: SessionVerifier, store: redis.Redis) -> None:
@@ -242,10 +397,20 @@ def test_wire_refusals_are_one_frame(bridge: BridgeHarness) -> None:
         bridge.request(_jpeg("p1", 51299)),
         "isMain.c main: Process p1 is not authorized for esaf 51299",
     )
-    bridge.redis.delete("p1")
-    assert_error_reply(bridge.request(_jpeg("p1", 30123)), "Process p1 is not authorized (2)")
+    bridge.redis.delete("p1")  # logged out
+    assert_error_reply(bridge.request(_jpeg("p1", 30123)), "Process p1 is not authorized (7)")
     bridge.redis.hset("p2", mapping={"isAuth": "{", "isAuthSig": "AAAA"})
     assert_error_reply(bridge.request(_jpeg("p2")), "Process p2 is not authorized (4)")
+
+
+def test_wire_logout_seen_by_a_bridge_on_another_host(bridges: HarnessFactory) -> None:
+    # Two bridges on one Redis, as behind one is_proxy: the session was used on the first.
+    first, second = bridges.start(), bridges.start()
+    first.login("p5", esafs=[30123])
+    assert_success_reply(first.request(_jpeg("p5", 30123)), 4)
+    first.redis.delete("p5")
+    assert_error_reply(second.request(_jpeg("p5", 30123)), "Process p5 is not authorized (7)")
+    assert_error_reply(second.request(_jpeg("p6", 30123)), "Process p6 is not authorized (2)")
 
 
 def test_wire_esaf_of_wrong_type_reads_as_zero(bridge: BridgeHarness) -> None:

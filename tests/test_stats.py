@@ -1,4 +1,8 @@
-"""Statistics, ring bins and spots of a reduced image (spec 5.6) against float64 references."""
+"""Statistics, ring bins and spots (spec 5.6) against the plain-loop transcription.
+
+n, mean, rms, stddev, min, max and spots must equal :func:`tests.spec_view.spec_stats`
+exactly (==). The one documented difference, exact sums of squares, is tested on its own.
+"""
 
 from __future__ import annotations
 
@@ -10,204 +14,225 @@ import numpy.typing as npt
 import pytest
 
 from istasks.core.params import ViewParams
-from istasks.core.readers.base import Frame
+from istasks.core.readers.base import Frame, PixelMask
 from istasks.core.reduce import Window
-from istasks.core.stats import RING_BINS, RingMap, image_stats
+from istasks.core.stats import RING_BINS, image_stats, ring_bins, spot_floor
 from istasks.core.view import reduce_frame
+from tests.spec_view import spec_bin, spec_reduce, spec_stats
 
+U16_SAT = 0xFFFF
 U32_SAT = 0xFFFFFFFF
+STATS = ("n", "mean", "rms", "stddev", "min", "max", "spots")
 
 
-def reference_rings(
-    shape: tuple[int, int], centre: tuple[float, float], bins: int = RING_BINS
-) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.float64]]:
-    """Ring index floor(bins * (d2 - min) / (max - min)) and its unrounded value."""
-    rows, cols = np.indices(shape, dtype=np.float64)
-    d2 = (cols - centre[0]) ** 2 + (rows - centre[1]) ** 2
-    span = d2.max() - d2.min()
-    scaled = bins * (d2 - d2.min()) / span if span > 0 else np.zeros(shape)
-    return np.clip(np.floor(scaled), 0, bins - 1).astype(np.intp), scaled
+def frame_of(pixels: npt.NDArray[Any], bad: npt.NDArray[np.bool_] | None, **meta: Any) -> Frame:
+    code = U16_SAT if pixels.dtype.itemsize == 2 else U32_SAT
+    return Frame(pixels.copy(), PixelMask(bad.copy()) if bad is not None else None, code, meta)
 
 
-def reference_stats(
-    pixels: npt.NDArray[Any], saturation: int, centre: tuple[float, float], sensitivity: float
-) -> dict[str, Any]:
-    """Plain float64 statistics; saturated pixels out of the sums, in the spot count."""
-    values = pixels.astype(np.float64)
-    valid = pixels != saturation
-    rings, _ = reference_rings(pixels.shape, centre)
-    spots = 0
-    for ring in range(RING_BINS):
-        inside = rings == ring
-        chosen = values[inside & valid]
-        mean = chosen.mean() if chosen.size else 0.0
-        rms = math.sqrt((chosen**2).mean()) if chosen.size else 0.0
-        spots += int(np.count_nonzero(values[inside] - mean > sensitivity * rms))
-    good = values[valid]
-    return {
-        "n": good.size,
-        "mean": good.mean(),
-        "rms": math.sqrt((good**2).mean()),
-        "stddev": good.std(),
-        "min": int(good.min()),
-        "max": int(good.max()),
-        "spots": spots,
-    }
+def spotty_image(
+    rng: np.random.Generator, shape: tuple[int, int], dtype: type[np.unsignedinteger[Any]]
+) -> tuple[npt.NDArray[Any], npt.NDArray[np.bool_]]:
+    """Poisson background, bright spots, a few saturated pixels, masked gaps, dead corners."""
+    pixels = rng.poisson(20.0, size=shape).astype(dtype)
+    spots = rng.random(shape) < 0.02
+    pixels[spots] = rng.integers(200, 30000, size=int(spots.sum()), dtype=dtype)
+    pixels[rng.random(shape) < 0.002] = np.iinfo(dtype).max
+    pixels[: shape[0] // 5, : shape[1] // 5] = 0  # a dead corner: a ring of mostly zeros
+    bad = np.zeros(shape, bool)
+    bad[:, shape[1] // 2] = True
+    return pixels, bad
 
 
-def assert_stats_match(got: dict[str, Any], expected: dict[str, Any]) -> None:
-    assert got["n"] == expected["n"]
-    assert got["min"] == expected["min"] and got["max"] == expected["max"]
-    assert type(got["min"]) is int and type(got["max"]) is int
-    assert got["mean"] == pytest.approx(expected["mean"], rel=1e-12)
-    assert got["rms"] == pytest.approx(expected["rms"], rel=1e-12)
-    assert got["stddev"] == pytest.approx(expected["stddev"], rel=1e-9)
-    assert got["spots"] == expected["spots"]
+def stats_of(meta: dict[str, Any]) -> dict[str, Any]:
+    return {k: meta[k] for k in STATS if k in meta}
+
+
+VIEWS = [
+    ((97, 89), ViewParams(xsize=12), (40.3, 51.7)),
+    ((97, 89), ViewParams(xsize=12), (-30.0, 200.5)),  # beam outside the detector
+    ((64, 64), ViewParams(xsize=16), (32.0, 32.0)),  # centre on a pixel, integer ratio
+    ((64, 64), ViewParams(xsize=8), (64.0, 0.0)),  # on the outer corner
+    ((120, 100), ViewParams(xsize=10, zoom=2.0, segcol=1.2, segrow=0.5), (70.5, 80.25)),
+    ((120, 100), ViewParams(xsize=9, zoom=1.7, segcol=-0.3, segrow=0.8), (50.0, 60.0)),
+    ((40, 45), ViewParams(xsize=40, zoom=2.0, segcol=0.5, segrow=0.5), (22.2, 20.1)),  # nearest
+    ((30, 70), ViewParams(xsize=20, keep_aspect=True), (35.5, 15.5)),
+    ((300, 257), ViewParams(xsize=64), (120.25, 140.75)),
+]
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.uint32])
+@pytest.mark.parametrize(("shape", "params", "beam"), VIEWS)
+def test_stats_match_spec(
+    rng: np.random.Generator,
+    dtype: type[np.unsignedinteger[Any]],
+    shape: tuple[int, int],
+    params: ViewParams,
+    beam: tuple[float, float],
+) -> None:
+    pixels, bad = spotty_image(rng, shape, dtype)
+    meta = {"beam_center_x": beam[0], "beam_center_y": beam[1]}
+    reduced = reduce_frame(frame_of(pixels, bad, **meta), params)
+    view = spec_reduce(
+        pixels, bad, xsize=params.xsize, zoom=params.zoom, segcol=params.segcol,
+        segrow=params.segrow, keep_aspect=params.keep_aspect,
+    )  # fmt: skip
+    expected = spec_stats(view, beam)
+    assert stats_of(reduced.meta) == expected
+    # No value above 65535 enters the sums: the original's wrapped squares agree too.
+    assert spec_stats(view, beam, wrap_squares=True) == expected
+    assert type(reduced.meta["min"]) is int and type(reduced.meta["max"]) is int
 
 
 @pytest.mark.parametrize(
     ("shape", "centre"),
     [
         ((64, 64), (31.3, 33.7)),
+        ((16, 16), (8.0, 8.0)),  # many pixels exactly on bin boundaries
         ((37, 91), (-20.2, 10.1)),
         ((91, 37), (100.4, 200.9)),
-        ((1, 50), (10.5, 0.0)),
-        ((50, 1), (0.0, 60.0)),
-        ((1, 1), (0.0, 0.0)),
-        ((256, 256), (1e12, -1e12)),
+        ((8, 50), (10.5, 0.0)),
+        ((50, 8), (8.0, 60.0)),  # x on the outer edge: outside the view
+        ((8, 8), (0.0, 0.0)),
+        ((64, 64), (1e12, -1e12)),
+        ((8, 8), (math.inf, 3.0)),
+        ((8, 8), (math.nan, 3.0)),
     ],
 )
-def test_ring_map_matches_formula(shape: tuple[int, int], centre: tuple[float, float]) -> None:
-    got = np.concatenate(
-        [RingMap(shape, centre, RING_BINS).rows(r, r + 1) for r in range(shape[0])]
-    )
-    expected, scaled = reference_rings(shape, centre)
-    differ = got.reshape(shape) != expected
-    # Different float rounding may only move pixels lying on a ring boundary.
-    assert np.allclose(scaled[differ], np.round(scaled[differ]), atol=1e-9)
-    assert got.max() <= RING_BINS - 1
+def test_ring_bins_match_spec(shape: tuple[int, int], centre: tuple[float, float]) -> None:
+    bx, by = centre
+    height, width = shape
+    corners = [(x - bx) * (x - bx) + (y - by) * (y - by) for x, y in ((0, 0), (width, 0), (0, height), (width, height))]  # fmt: skip  # noqa: E501
+    top = max(corners)
+    low = 0.0 if (0 <= bx < width and 0 <= by < height) else min(corners)
+    expected = [
+        [spec_bin(c, r, bx, by, low=low, top=top) for c in range(width)] for r in range(height)
+    ]
+    assert ring_bins(shape, centre).tolist() == expected
 
 
-@pytest.mark.parametrize(
-    ("dtype", "high"), [(np.uint16, 60000), (np.uint32, 200), (np.uint32, 4_000_000_000)]
-)
-def test_stats_match_float64_reference(
-    rng: np.random.Generator, dtype: type[np.unsignedinteger[Any]], high: int
-) -> None:
-    pixels = rng.integers(0, high, size=(300, 257), dtype=dtype)
-    spikes = rng.integers(0, pixels.size, 40)
-    pixels.reshape(-1)[spikes] = high - 1
-    saturation = int(np.iinfo(dtype).max)
-    centre = (120.25, 140.75)
-    _, scaled = reference_rings(pixels.shape, centre)
-    on_boundary = np.isclose(scaled, np.round(scaled), atol=1e-9, rtol=0)
-    assert not (on_boundary & (scaled > 0.5) & (scaled < RING_BINS - 0.5)).any()
-    got = image_stats(pixels, saturation, centre, sensitivity=1.5)
-    assert_stats_match(got, reference_stats(pixels, saturation, centre, 1.5))
+def test_rings_use_the_outer_corners() -> None:
+    # Centre at the view's centre: the corners at (W, H) give max = 2 * 32^2 = 2048, so
+    # the pixel at d2 = 1024 (distance 32 along a row) is exactly at bin 8.
+    bins = ring_bins((64, 64), (32.0, 32.0))
+    assert bins[32, 0] == 8 and bins[32, 63] == 7 and bins[0, 0] == 15
 
 
-def test_32_bit_values_above_65536_do_not_overflow() -> None:
-    # The original's 32-bit sum of squares wrapped here (bug 13): rms came out tiny.
+def test_32_bit_sums_of_squares_are_exact() -> None:
+    # The original's squares wrapped to 32 bits (bug 13); ours are exact integers, also
+    # beyond 64 bits (16384 pixels of 3e9 squared sum to ~1.5e23).
     pixels = np.full((128, 128), 3_000_000_000, np.uint32)
     pixels[::2] = 1_000_000
-    got = image_stats(pixels, U32_SAT, (64.0, 64.0))
-    assert got["mean"] == pytest.approx(1_500_500_000.0, rel=1e-12)
-    assert got["rms"] == pytest.approx(math.sqrt((9e18 + 1e12) / 2), rel=1e-12)
-    assert got["stddev"] == pytest.approx(1_499_500_000.0, rel=1e-9)
-    assert got["max"] == 3_000_000_000
+    got = image_stats(pixels, (64.0, 64.0), sentinel=U32_SAT)
+    n = 128 * 128
+    total = n // 2 * (3_000_000_000 + 1_000_000)
+    squares = n // 2 * (3_000_000_000**2 + 1_000_000**2)
+    mean = float(total) / n
+    assert got["mean"] == mean
+    assert got["rms"] == math.sqrt(float(squares) / n)
+    assert got["stddev"] == math.sqrt(float(squares) / n - mean * mean)
+    assert got["max"] == 3_000_000_000 - (1 << 32)  # through a C int, as the original
 
 
-def test_saturated_pixels_leave_stats_but_count_as_spots(rng: np.random.Generator) -> None:
+def test_exact_squares_are_the_one_difference_from_the_original(rng: np.random.Generator) -> None:
+    pixels = rng.integers(0, 200_000, size=(64, 64), dtype=np.uint32)
+    beam = (30.0, 30.0)
+    reduced = reduce_frame(frame_of(pixels, None, beam_center_x=30.0, beam_center_y=30.0),
+                           ViewParams(xsize=16))  # fmt: skip
+    view = spec_reduce(pixels, None, xsize=16)
+    assert stats_of(reduced.meta) == spec_stats(view, beam)
+    wrapped = spec_stats(view, beam, wrap_squares=True)
+    assert wrapped["mean"] == reduced.meta["mean"] and wrapped["rms"] != reduced.meta["rms"]
+
+
+def test_sentinel_is_out_of_the_stats_but_counts_as_a_spot(rng: np.random.Generator) -> None:
     pixels = rng.integers(90, 110, size=(64, 64), dtype=np.uint32)
     pixels[3, 4] = pixels[50, 60] = pixels[10, 10] = U32_SAT
-    got = image_stats(pixels, U32_SAT, (32.0, 32.0))
-    assert got["n"] == 64 * 64 - 3
-    assert got["max"] < 110
+    got = image_stats(pixels, (32.0, 32.0), sentinel=U32_SAT)
+    assert got["n"] == 64 * 64 - 3 and got["max"] < 110
     assert got["spots"] == 3
-    assert_stats_match(got, reference_stats(pixels, U32_SAT, (32.0, 32.0), 1.5))
 
 
-def test_all_saturated_image_has_zero_stats() -> None:
-    # The original sent min = -1 for an empty image (bug 15).
-    pixels = np.full((16, 16), 0xFFFF, np.uint16)
-    got = image_stats(pixels, 0xFFFF, (8.0, 8.0))
-    assert {k: got[k] for k in ("n", "mean", "rms", "stddev", "min", "max")} == {
-        "n": 0,
-        "mean": 0.0,
-        "rms": 0.0,
-        "stddev": 0.0,
-        "min": 0,
-        "max": 0,
-    }
-    assert got["spots"] == 256
+def test_16_bit_sentinel_reads_back_as_65535_for_spots() -> None:
+    pixels = np.full((16, 16), 100, np.uint16)
+    pixels[2, 2] = U16_SAT
+    assert image_stats(pixels, (8.0, 8.0), sentinel=U16_SAT)["spots"] == 1
+    assert image_stats(pixels, (8.0, 8.0), sentinel=None)["n"] == 256
 
 
-def test_known_spots_are_counted(rng: np.random.Generator) -> None:
-    pixels = (100 + rng.integers(-2, 3, size=(384, 384))).astype(np.uint32)
-    flat = rng.choice(pixels.size, 25, replace=False)
-    pixels.reshape(-1)[flat] = 5000
-    assert image_stats(pixels, U32_SAT, (190.5, 200.5))["spots"] == 25
+def test_empty_view_is_as_the_original_sends_it() -> None:
+    pixels = np.full((16, 16), U16_SAT, np.uint16)
+    got = image_stats(pixels, (8.0, 8.0), sentinel=U16_SAT)
+    assert got == {
+        "n": 0, "mean": 0.0, "rms": 0.0, "stddev": 0.0, "min": -1, "max": 0, "spots": 256,
+    }  # fmt: skip
 
 
-def test_spots_are_judged_against_their_ring() -> None:
-    shape = (128, 128)
-    centre = (64.0, 64.0)
-    rings = np.concatenate([RingMap(shape, centre, RING_BINS).rows(0, shape[0])]).reshape(shape)
-    pixels = np.where(rings < 8, 1000, 10).astype(np.uint32)
-    outer = np.argwhere(rings >= 12)[::97][:7]
-    pixels[outer[:, 0], outer[:, 1]] = 200  # far below the inner background
-    got = image_stats(pixels, U32_SAT, centre)
-    assert got["spots"] == 7
-    assert got["mean"] > 200  # so a whole-image threshold would find no spot
+def test_negative_variance_leaves_stddev_out() -> None:
+    # 100 pixels, one of them v + 1: sum2 / n - mean^2 rounds to -2048 in doubles. The
+    # original's sqrt gave NaN, which it did not write (spec 5.6).
+    pixels = np.full((10, 10), 2602078781, np.uint32)
+    pixels[0, 0] += 1
+    reduced = reduce_frame(frame_of(pixels, None), ViewParams(xsize=10))  # nearest, 1:1
+    assert reduced.meta["n"] == 100 and "stddev" not in reduced.meta
+    assert "stddev" not in spec_stats(spec_reduce(pixels, None, xsize=10), (5.0, 5.0))
 
 
-def test_spot_threshold_uses_rms_not_stddev() -> None:
+def test_spot_threshold_is_strict_and_uses_rms() -> None:
     pixels = np.full((32, 32), 100, np.uint32)
     pixels[0, 0], pixels[0, 1] = 200, 300
     # One ring: mean 100.29, rms 100.54, stddev 7.0; only 300 exceeds mean + 1.5 rms.
-    got = image_stats(pixels, U32_SAT, (16.0, 16.0), bins=1)
-    assert got["spots"] == 1
-    assert image_stats(pixels, U32_SAT, (16.0, 16.0), sensitivity=0.05, bins=1)["spots"] == 2
+    assert image_stats(pixels, (16.0, 16.0), sentinel=U32_SAT, bins=1)["spots"] == 1
+    got = image_stats(pixels, (16.0, 16.0), sentinel=U32_SAT, sensitivity=0.05, bins=1)
+    assert got["spots"] == 2
 
 
-def test_non_finite_centre_means_image_centre(rng: np.random.Generator) -> None:
-    pixels = rng.integers(0, 1000, size=(40, 60), dtype=np.uint32)
-    expected = image_stats(pixels, U32_SAT, (30.0, 20.0))
-    assert image_stats(pixels, U32_SAT, (math.nan, math.inf)) == expected
+@pytest.mark.parametrize(
+    ("mean", "rms", "sensitivity"),
+    [(100.0, 10.0, 1.5), (0.0, 0.0, 1.5), (0.3, 0.1, 1.5), (99.5, 1.0 / 3.0, 1.5), (7.0, 2.0, 0.0)],
+)
+def test_spot_floor_is_the_first_value_over_the_limit(
+    mean: float, rms: float, sensitivity: float
+) -> None:
+    floor = spot_floor(mean, rms, sensitivity)
+    assert floor is not None
+    assert float(floor) - mean > sensitivity * rms
+    assert floor == 0 or not float(floor - 1) - mean > sensitivity * rms
+
+
+def test_spot_floor_of_an_unreachable_limit() -> None:
+    assert spot_floor(5.0, math.inf, 1.5) is None
+    assert spot_floor(5.0, math.nan, 1.5) is None
 
 
 def test_window_maps_beam_centre_to_output() -> None:
     window = Window(x0=100, y0=50, width=200, height=300, out_width=50, out_height=100)
     assert window.to_output(150.0, 80.0) == (12.5, 10.0)
-
-
-def test_reduce_frame_maps_beam_centre_into_output(rng: np.random.Generator) -> None:
-    pixels = rng.integers(0, 1000, size=(256, 256), dtype=np.uint32)
-    meta = {"beam_center_x": 100.0, "beam_center_y": 60.0}
-    params = ViewParams(xsize=64, zoom=2.0, segcol=0.5, segrow=0.0)
-    reduced = reduce_frame(Frame(pixels.copy(), None, U32_SAT, meta), params)
-    # Window x0 = 64, y0 = 0, 128 source pixels -> 64 output: factor 2.
-    expected = image_stats(reduced.pixels, U32_SAT, ((100.0 - 64) / 2, 60.0 / 2))
-    assert reduced.meta["spots"] == expected["spots"]
-    assert {k: reduced.meta[k] for k in expected} == expected
+    empty = Window(x0=0, y0=0, width=0, height=0, out_width=8, out_height=8)
+    assert empty.to_output(3.0, 0.0)[0] == math.inf and math.isnan(empty.to_output(3.0, 0.0)[1])
 
 
 @pytest.mark.parametrize("meta", [{}, {"beam_center_x": "x"}, {"beam_center_x": math.nan}])
 def test_missing_beam_centre_uses_image_centre(
     rng: np.random.Generator, meta: dict[str, Any]
 ) -> None:
-    pixels = rng.integers(0, 1000, size=(200, 120), dtype=np.uint32)
-    reduced = reduce_frame(Frame(pixels.copy(), None, U32_SAT, meta), ViewParams(xsize=40))
-    centre = ((60.0 - 0) / 3, (100.0 - 0) / 5)
-    assert reduced.meta["spots"] == image_stats(reduced.pixels, U32_SAT, centre)["spots"]
+    # The original's worker exited here (bug 4).
+    pixels, bad = spotty_image(rng, (200, 120), np.uint32)
+    reduced = reduce_frame(frame_of(pixels, bad, **meta), ViewParams(xsize=40))
+    expected = spec_stats(spec_reduce(pixels, bad, xsize=40), (60.0, 100.0))
+    assert stats_of(reduced.meta) == expected
 
 
-def test_reduce_frame_stats_match_reference_on_reduced_image(rng: np.random.Generator) -> None:
-    pixels = rng.integers(0, 70000, size=(400, 380), dtype=np.uint32)
-    pixels[7, 9] = U32_SAT
-    meta = {"beam_center_x": 190.5, "beam_center_y": 210.5}
-    reduced = reduce_frame(Frame(pixels, None, U32_SAT, meta), ViewParams(xsize=100))
-    centre = (190.5 / 3.8, 210.5 / 4.0)
-    expected = reference_stats(reduced.pixels, U32_SAT, centre, 1.5)
-    assert_stats_match(reduced.meta, expected)
-    assert reduced.meta["nSaturated"] == 1
+def test_stats_with_a_zero_wide_window_put_every_pixel_in_bin_0() -> None:
+    pixels = np.arange(1, 601, dtype=np.uint32).reshape(20, 30)
+    reduced = reduce_frame(frame_of(pixels, None), ViewParams(xsize=8, zoom=50.0))
+    assert (reduced.pixels == 1).all()  # all samples at the origin
+    assert reduced.meta["n"] == 64 and reduced.meta["spots"] == 0
+
+
+def test_ring_layouts_are_reused_and_read_only(rng: np.random.Generator) -> None:
+    pixels = rng.integers(0, 100, size=(32, 32), dtype=np.uint16)
+    first = image_stats(pixels, (10.5, 20.5), sentinel=None)
+    assert image_stats(pixels, (10.5, 20.5), sentinel=None) == first
+    bins = ring_bins((32, 32), (10.5, 20.5))
+    assert bins.max() == RING_BINS - 1

@@ -7,8 +7,10 @@ normal user they run as that user (single-user mode, tested explicitly at the en
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -41,6 +43,7 @@ from tests.supervisor_harness import (
     process_gone,
     remove_accounts,
     running_supervisor,
+    shared_tempdir,
     wait_for,
 )
 
@@ -130,23 +133,80 @@ def test_cached_epoch_until_forgotten(supervisor: SupervisorProcess) -> None:
         client.close()
 
 
-def test_request_in_flight_fails_fast_when_its_worker_dies(
-    supervisor: SupervisorProcess, redis_server: str
-) -> None:
+def test_a_death_is_noticed_before_any_later_answer(supervisor: SupervisorProcess) -> None:
+    """Asked the moment a killed worker has exited, the supervisor never names it live,
+    and lists it as gone, with when it noticed (on our clock), for the bridge to tell
+    the requests it could have taken (issue 19)."""
+    client = SupervisorClient(Settings(), socket_path=supervisor.socket_path, cache_ttl_s=0)
+    try:
+        for _ in range(10):
+            epoch = client.ensure(C)
+            pid = supervisor.pids()[C.queue]
+            killed = time.monotonic()
+            os.kill(pid, signal.SIGKILL)
+            while not process_gone(pid):  # no sleep: ask the moment it has exited
+                assert time.monotonic() - killed < 5.0, "the killed worker still runs"
+            state = client.state(C)
+            assert state.epoch is None
+            (gone,) = [g for g in state.gone if g.epoch == epoch]
+            assert gone.at_s is not None and killed <= gone.at_s <= time.monotonic()
+            assert client.ensure(C) not in {g.epoch for g in state.gone}
+    finally:
+        client.close()
+
+
+@contextlib.contextmanager
+def _dispatcher(redis_server: str, supervisor: SupervisorProcess) -> Iterator[CeleryDispatcher]:
+    """The bridge's dispatcher with this supervisor's pool."""
     settings = Settings(redis_url=redis_server, task_secret=SECRET, view_timeout_s=30)
     client = SupervisorClient(settings, socket_path=supervisor.socket_path)
     dispatcher = CeleryDispatcher(probe_app(redis_server), settings, client)
     try:
-        future = dispatcher.submit(A, "jpeg", {"type": "jpeg", "sleep_s": 20}, "rid-1")
-        time.sleep(1.0)  # the task is running
-        os.kill(supervisor.pids()[A.queue], signal.SIGKILL)
-        killed = time.monotonic()
-        frames = future.result(timeout=10)
-        assert time.monotonic() - killed < 5.0
-        assert len(frames) == 1 and b"died" in frames[0], frames  # the one error frame
+        yield dispatcher
     finally:
         dispatcher.close()
         client.close()
+
+
+def test_view_in_flight_is_served_by_the_next_worker_when_its_worker_dies(
+    supervisor: SupervisorProcess, redis_server: str
+) -> None:
+    """A view is idempotent: when its worker dies mid-task, it is sent again to the new
+    worker, and the client gets the view within 5 s of the death (issue 19)."""
+    marks = shared_tempdir()
+    os.chmod(marks, 0o1777)  # the worker runs as A
+    started = os.path.join(marks, "started")
+    try:
+        with _dispatcher(redis_server, supervisor) as dispatcher:
+            job = {"type": "jpeg", "sleep_s": 20, "sleep_once": started}
+            future = dispatcher.submit(A, "jpeg", job, "rid-again")
+            wait_for(lambda: os.path.exists(started), 10.0, "the view to run")
+            os.kill(supervisor.pids()[A.queue], signal.SIGKILL)
+            killed = time.monotonic()
+            frames = future.result(timeout=10)
+        assert time.monotonic() - killed < 5.0
+        assert frames == [b"", b"{}", b"{}", b"\xff\xd8"]
+    finally:
+        shutil.rmtree(marks, ignore_errors=True)
+
+
+def test_request_in_flight_fails_fast_when_its_worker_dies(
+    supervisor: SupervisorProcess, redis_server: str
+) -> None:
+    """The view is sent again once; when the new worker dies too, the one error comes
+    within 5 s of that death."""
+    with _dispatcher(redis_server, supervisor) as dispatcher:
+        future = dispatcher.submit(A, "jpeg", {"type": "jpeg", "sleep_s": 20}, "rid-1")
+        time.sleep(1.0)  # the task is running
+        first = supervisor.pids()[A.queue]
+        os.kill(first, signal.SIGKILL)
+        wait_for(lambda: supervisor.pids().get(A.queue) not in {None, first}, 5.0, "a new worker")
+        time.sleep(1.0)  # the view sent again is running there
+        os.kill(supervisor.pids()[A.queue], signal.SIGKILL)
+        killed = time.monotonic()
+        frames = future.result(timeout=10)
+    assert time.monotonic() - killed < 5.0
+    assert frames == [b"bridge: worker for 5001:6001 died while serving jpeg (request rid-1)"]
 
 
 @pytest.mark.parametrize(

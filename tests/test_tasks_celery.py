@@ -31,6 +31,7 @@ from istasks.settings import Settings
 from istasks.testdata.eiger import write_eiger
 from queues.envelope import queue_key, seal
 from queues.naming import Identity
+from queues.pool import Gone, WorkerState
 from tests.processes import terminate, wait_for
 
 SECRET = "celery-test-secret"
@@ -105,8 +106,16 @@ class ProcessPool:
         return worker.proc.pid
 
     def epoch(self, identity: Identity) -> int | None:
+        return self.state(identity).epoch
+
+    def state(self, identity: Identity) -> WorkerState:
+        """A dead worker is listed as gone at a time not known."""
         worker = self.workers.get(identity)
-        return worker.proc.pid if worker and worker.proc.poll() is None else None
+        if worker is None:
+            return WorkerState(None)
+        if worker.proc.poll() is not None:
+            return WorkerState(None, (Gone(worker.proc.pid, None),))
+        return WorkerState(worker.proc.pid)
 
     def close(self) -> None:
         for worker in self.workers.values():

@@ -14,6 +14,10 @@ MIN_XSIZE = 8
 SPOTS_XSIZE = 384
 #: Largest label banner the original accepts; larger values mean "no banner".
 MAX_LABEL_HEIGHT = 64
+#: Names the reduction algorithm inside cache keys, so that reduced images cached by an
+#: older algorithm are never served: "r2" is the original's centred boxes (issue 11);
+#: keys without it held the tiling boxes.
+REDUCTION_VERSION = "r2"
 
 
 @dataclass(frozen=True)
@@ -33,11 +37,13 @@ class ViewParams:
     keep_aspect: bool = False
 
     def cache_token(self) -> str:
-        """Stable text naming this geometry inside a cache key."""
+        """Stable text naming this geometry inside a cache key: the original's
+        ``<frame>-<zoom %.1f>-<segcol %.3f>-<segrow %.3f>-<xsize>`` (spec 5.9), our
+        aspect flag and :data:`REDUCTION_VERSION`."""
         aspect = "a" if self.keep_aspect else "s"
         return (
             f"{self.frame}-{self.zoom:.1f}-{self.segcol:.3f}-{self.segrow:.3f}"
-            f"-{self.xsize}-{aspect}"
+            f"-{self.xsize}-{aspect}-{REDUCTION_VERSION}"
         )
 
 

@@ -24,9 +24,8 @@ from istasks.core.readers.base import Frame, Meta
 from istasks.core.reduce import (
     PIXEL_DTYPES,
     clamp_to_saturation,
-    count_saturated,
     plan_window,
-    reduce_pixels,
+    reduce_window,
     usable_pixels,
     zero_masked,
 )
@@ -37,8 +36,10 @@ Pixels = npt.NDArray[np.unsignedinteger[Any]]
 
 #: Grey level of the blank fallback image (RGB 0xF0F0F0).
 BLANK_GREY = 0xF0
-#: Binary form of a Reduced: magic, header length, JSON header, raw pixels.
-_MAGIC = b"ISR1"
+#: Binary form of a Reduced: magic, header length, JSON header, raw pixels. The magic
+#: names the reduction: "ISR1" held the tiling boxes, "ISR2" the original's centred boxes
+#: (issue 11); an entry of another reduction is undecodable, hence recomputed.
+_MAGIC = b"ISR2"
 _HEADER = struct.Struct("<4sI")
 _WIRE_DTYPES = {d.newbyteorder("<").str: d.newbyteorder("<") for d in PIXEL_DTYPES}
 
@@ -48,12 +49,14 @@ class Reduced:
     """A reduced image at full depth with the meta sent to clients (spec 5.4).
 
     ``meta`` is the frame's meta plus ``n, mean, rms, stddev, min, max, spots`` and
-    ``nSaturated`` of this reduction.
+    ``nSaturated`` of this reduction. ``saturation`` is the code drawn red; ``sentinel``
+    the stored value the statistics left out (None: none was, a 16-bit nearest view).
     """
 
     pixels: Pixels
     saturation: int
     meta: dict[str, Any]
+    sentinel: int | None = None
     #: Flat indices of the saturated pixels, found on first use (then every new
     #: contrast of a cached image skips that pass).
     _saturated: npt.NDArray[np.intp] | None = field(
@@ -74,6 +77,7 @@ class Reduced:
                 "dtype": pixels.dtype.str,
                 "shape": list(pixels.shape),
                 "saturation": self.saturation,
+                "sentinel": self.sentinel,
                 "meta": self.meta,
             },
             separators=(",", ":"),
@@ -118,8 +122,11 @@ def reduce_frame(
     *,
     spot_sensitivity: float = 1.5,
     max_xsize: int = 10000,
+    fold_edges: bool = False,
 ) -> Reduced:
-    """Reduce ``frame`` to the view ``params`` and compute its statistics (spec 5.5, 5.6).
+    """Reduce ``frame`` to the view ``params`` and compute its statistics (spec 5.5, 5.6),
+    as the original did; ``fold_edges`` adds our edge fold (see :mod:`istasks.core.reduce`;
+    off by default because it changes the numbers of most full views).
 
     Masked pixels of ``frame.pixels`` are zeroed in place (the pipeline owns the array).
     Raises InvalidView for an ``xsize`` over ``max_xsize``, DataUnavailable for a frame
@@ -129,14 +136,16 @@ def reduce_frame(
     window = plan_window((pixels.shape[0], pixels.shape[1]), params, max_xsize=max_xsize)
     pixels = zero_masked(pixels, frame.mask)
     pixels = clamp_to_saturation(pixels, frame.saturation)
-    reduced = reduce_pixels(pixels, window)
-    saturated = count_saturated(pixels, window, frame.saturation, reduced)
+    reduction = reduce_window(pixels, window, frame.saturation, fold_edges=fold_edges)
     centre = window.to_output(*_beam_centre(frame.meta, pixels.shape))
-    stats = image_stats(reduced, frame.saturation, centre, sensitivity=spot_sensitivity)
+    stats = image_stats(
+        reduction.pixels, centre, sentinel=reduction.sentinel, sensitivity=spot_sensitivity
+    )
     meta = dict(frame.meta)
     meta.update(stats)
-    meta["nSaturated"] = saturated
-    return Reduced(reduced, frame.saturation, meta)
+    # This reduction's own count; the original sent an earlier reduction's (bug 15).
+    meta["nSaturated"] = reduction.saturated
+    return Reduced(reduction.pixels, frame.saturation, meta, reduction.sentinel)
 
 
 def render_jpeg(
@@ -232,10 +241,13 @@ def _header_geometry(header: dict[str, Any]) -> tuple[np.dtype[Any], tuple[int, 
     return dtype, (shape[0], shape[1])
 
 
-def _header_rest(header: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+def _header_rest(header: dict[str, Any]) -> tuple[int, dict[str, Any], int | None]:
     saturation, meta = header.get("saturation"), header.get("meta")
+    sentinel = header.get("sentinel")
     if isinstance(saturation, bool) or not isinstance(saturation, int):
         raise DataUnavailable(f"cached image has saturation {saturation!r}")
     if not isinstance(meta, dict):
         raise DataUnavailable("cached image meta is not an object")
-    return saturation, meta
+    if sentinel is not None and (isinstance(sentinel, bool) or not isinstance(sentinel, int)):
+        raise DataUnavailable(f"cached image has sentinel {sentinel!r}")
+    return saturation, meta, sentinel

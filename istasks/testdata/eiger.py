@@ -168,6 +168,8 @@ def write_eiger(
 ) -> Path:
     """Write a master + data files for ``nimages * ntrigger`` frames; return the master path.
 
+    ``dcu`` is the DCU software version the master claims ("1.6.6" for an Eiger 9M, "1.8.0"
+    for an Eiger2; a bare "1.6" is written as "1.6.0") and picks its metadata layout.
     ``module``/``gap`` set the module tiling (Eiger2 X by default; a frame smaller than a
     module has no gaps, so tests pass a smaller tiling to see them).
     """

@@ -2,8 +2,10 @@
 
 Datasets carry the types the detector writes (float32 scalars and arrays, fixed ASCII,
 fixed and variable-length UTF-8 strings, unsigned integers), so the reader's conversion
-of every kind is exercised. DCU 1.6 files get the 1.6-only fields, DCU 1.8 files the 1.8
-ones; both also get a few fields the other mapping reads, to check they stay out.
+of every kind is exercised. ``MasterSpec.dcu`` is the DCU software version the file
+claims ("1.6", "1.6.6", "1.7.4", "1.8", "1.8.0", "2.1.0"...): versions below 1.8 get the
+DCU 1.6 layout (Eiger 9M), 1.8 and later the 1.8 layout (Eiger2); both also get a few
+fields the other mapping reads, to check they stay out.
 """
 
 from __future__ import annotations
@@ -47,7 +49,11 @@ OSCILLATION_DEG = 0.1
 
 @dataclass(frozen=True)
 class MasterSpec:
-    """What the master describes: frame shape and depth, counts, DCU version, beam."""
+    """What the master describes: frame shape and depth, counts, DCU version, beam.
+
+    ``dcu`` is written as ``software_version``, with ".0" added to a bare "major.minor"
+    ("1.6" -> "1.6.0"), as the DCU spells it.
+    """
 
     shape: tuple[int, int]
     bit_depth: int
@@ -56,6 +62,17 @@ class MasterSpec:
     dcu: str
     beam_center: tuple[float, float]
     description: str = "Dectris EIGER2 Si 16M – LS-CAT 21-ID"
+
+    @property
+    def software_version(self) -> str:
+        """The version string the DCU writes."""
+        return f"{self.dcu}.0" if self.dcu.count(".") == 1 else self.dcu
+
+    @property
+    def layout(self) -> str:
+        """The layout written: "1.6" for DCU versions below 1.8, "1.8" from 1.8 on."""
+        major, minor = (int(part) for part in self.dcu.split(".")[:2])
+        return "1.6" if (major, minor) < (1, 8) else "1.8"
 
 
 @dataclass(frozen=True)
@@ -99,7 +116,7 @@ def _common(spec: MasterSpec, excluded: int) -> dict[str, Any]:
         f"{D}/pixel_mask_applied": np.int32(1),
         f"{D}/sensor_material": np.bytes_(b"Si"),
         f"{D}/sensor_thickness": np.float32(4.5e-4),
-        f"{DS}/software_version": np.bytes_(f"{spec.dcu}.0".encode()),
+        f"{DS}/software_version": np.bytes_(spec.software_version.encode()),
         f"{D}/threshold_energy": np.float32(6330.5),
         f"{DS}/trigger_mode": np.bytes_(b"exts"),
         f"{D}/virtual_pixel_correction_applied": np.int32(1),
@@ -196,10 +213,10 @@ def write_master(
     links: Iterable[tuple[str, str]],
     mask: npt.NDArray[np.uint32] | None,
 ) -> None:
-    """Write the master file: metadata for ``spec.dcu`` ("1.6" or "1.8"), links, mask."""
+    """Write the master file: metadata in the layout of ``spec.dcu``, links, mask."""
     excluded = 0 if mask is None else int(np.count_nonzero(mask & 0xFF))
     fields = _common(spec, excluded)
-    fields.update(_dcu_1_6(spec) if spec.dcu == "1.6" else _dcu_1_8(spec))
+    fields.update(_dcu_1_6(spec) if spec.layout == "1.6" else _dcu_1_8(spec))
     with h5py.File(path, "w") as file:
         for name, value in fields.items():
             _write_value(file, name, value)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from typing import Any
 
 import h5py
@@ -87,8 +88,10 @@ DCU_1_8: Mapping = {
     **_same(f"{DETECTOR}/module", "module_index", "module_offset", "slow_pixel_direction"),
 }
 
-#: The only version string that selects the 1.6 table.
-DCU_1_6_VERSION = "1.6.0"
+#: First DCU software version that writes the 1.8 layout; every later one does too.
+DCU_1_8_VERSION = (1, 8)
+#: ``major.minor`` at the start of a version string ("1.6.6", "1.8.0", " 2.1.0-rc1").
+_VERSION_RE = re.compile(r"\s*v?(\d+)\.(\d+)")
 
 #: Errors h5py raises for unreadable objects (broken links, unknown filters, bad types).
 H5_ERRORS = (OSError, RuntimeError, KeyError, ValueError, TypeError)
@@ -101,9 +104,42 @@ class _Skip:
 SKIP = _Skip()
 
 
-def mapping_for(software_version: object) -> Mapping:
-    """The 1.6 table for exactly ``"1.6.0"``, else the 1.8 table."""
-    return DCU_1_6 if software_version == DCU_1_6_VERSION else DCU_1_8
+def dcu_version(software_version: object) -> tuple[int, int] | None:
+    """``(major, minor)`` of a ``software_version`` value, or None when it has none."""
+    if isinstance(software_version, bool) or not isinstance(software_version, str | int | float):
+        return None
+    match = _VERSION_RE.match(str(software_version))
+    return None if match is None else (int(match[1]), int(match[2]))
+
+
+def mapping_for(software_version: object) -> Mapping | None:
+    """The table for a DCU version: 1.6 below 1.8 (1.6.x, 1.7.x), 1.8 for 1.8.0 and every
+    newer version (newer DCUs write the 1.8 layout). None when the version is missing or
+    unparseable: :func:`layout_mapping` decides then."""
+    version = dcu_version(software_version)
+    if version is None:
+        return None
+    return DCU_1_6 if version < DCU_1_8_VERSION else DCU_1_8
+
+
+def layout_mapping(master: h5py.File) -> Mapping:
+    """The table whose own datasets the file has more of, for a master without a usable
+    version (not written by a DCU, or edited). On a tie, e.g. neither layout's datasets,
+    the 1.6 table, as the original chose for any version other than "1.8.0"."""
+
+    def present(table: Mapping) -> int:
+        own = (paths for name, paths in table.items() if name not in COMMON)
+        return sum(any(_exists(master, path) for path in group) for group in own)
+
+    return DCU_1_8 if present(DCU_1_8) > present(DCU_1_6) else DCU_1_6
+
+
+def _exists(master: h5py.File, path: str) -> bool:
+    """True when ``path`` names a dataset (a broken link or a group does not count)."""
+    try:
+        return isinstance(master.get(path), h5py.Dataset)
+    except H5_ERRORS:
+        return False
 
 
 def _decode(raw: bytes) -> str:
@@ -155,7 +191,7 @@ def read_value(file: h5py.File, path: str) -> Any:
 
 def read_detector_meta(master: h5py.File) -> Meta:
     """Detector metadata of a master file with the spec's JSON names (no derived keys)."""
-    mapping = mapping_for(read_value(master, SOFTWARE_VERSION_PATH))
+    mapping = mapping_for(read_value(master, SOFTWARE_VERSION_PATH)) or layout_mapping(master)
     meta: Meta = {}
     for name, paths in mapping.items():
         for path in paths:
