@@ -40,6 +40,7 @@ def _cmd_render(args: argparse.Namespace) -> int:
         jobs.view_params(job),
         spot_sensitivity=settings.spot_sensitivity,
         max_xsize=settings.max_xsize,
+        fold=settings.fold_edges,
     )
     rendered = render_jpeg(
         reduced,

@@ -198,9 +198,11 @@ class Service:
                 params,
                 spot_sensitivity=self.settings.spot_sensitivity,
                 max_xsize=self.settings.max_xsize,
+                fold=self.settings.fold_edges,
             )
 
-        return self.cache.get(path, params.cache_token(), compute, version=version)
+        token = params.cache_token(fold=self.settings.fold_edges)
+        return self.cache.get(path, token, compute, version=version)
 
     def close(self) -> None:
         """Close readers and Redis connections."""

@@ -61,6 +61,9 @@ class Settings:
     jpeg_lru_max_bytes: int = 64 * 1024 * 1024
     max_xsize: int = 10000
     spot_sensitivity: float = 1.5
+    # Our edge fold (istasks.core.reduce): off gives the original's picture to the pixel;
+    # on adds the far-edge pixels no box reaches to the edge row/column (numbers unchanged).
+    fold_edges: bool = False
 
     # Index task.
     indexer_command: str = "rapd.index"

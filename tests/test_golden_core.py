@@ -76,7 +76,9 @@ def golden_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def _reduce(case: dict[str, Any], data: Path) -> tuple[dict[str, Any], Reduced]:
+def _reduce(
+    case: dict[str, Any], data: Path, *, fold: bool = False
+) -> tuple[dict[str, Any], Reduced]:
     job = json.loads(json.dumps(case["request"]).replace("{DATA}", str(data)))
     if job["type"] == "spots":
         job = jobs.spots_job(job)
@@ -86,13 +88,15 @@ def _reduce(case: dict[str, Any], data: Path) -> tuple[dict[str, Any], Reduced]:
         frame = reader.read_frame(params.frame)
     finally:
         reader.close()
-    return job, reduce_frame(frame, params)
+    return job, reduce_frame(frame, params, fold=fold)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", CASES, ids=[case["id"] for case in CASES])
-def test_recorded_numbers(golden_data: Path, case: dict[str, Any]) -> None:
-    job, reduced = _reduce(case, golden_data)
+@pytest.mark.parametrize("fold", [False, True], ids=["plain", "folded"])
+def test_recorded_numbers(golden_data: Path, case: dict[str, Any], fold: bool) -> None:
+    # The edge fold (IS_FOLD_EDGES) changes the picture only: the numbers stay recorded.
+    job, reduced = _reduce(case, golden_data, fold=fold)
     recorded = case["meta"]
     assert {k: reduced.meta.get(k) for k in STATS} == {k: recorded.get(k) for k in STATS}
     if "nSaturated" in recorded and "nsaturated_history" not in case.get("quirks", []):

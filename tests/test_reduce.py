@@ -18,7 +18,13 @@ from hypothesis import strategies as st
 
 from istasks.core.params import ViewParams
 from istasks.core.readers.base import Frame, PixelMask
-from istasks.core.reduce import plan_boxes, plan_window, reduce_window, zero_masked
+from istasks.core.reduce import (
+    fold_edges,
+    plan_boxes,
+    plan_window,
+    reduce_window,
+    zero_masked,
+)
 from istasks.core.view import reduce_frame
 from istasks.errors import DataUnavailable, InvalidView
 from tests.spec_view import SpecView, spec_reduce
@@ -390,7 +396,7 @@ def test_meta_is_frame_meta_plus_stats() -> None:
     assert "n" not in frame.meta
 
 
-# --- the edge fold (our fix, opt-in) --------------------------------------------------
+# --- the edge fold (our fix, in the picture after the statistics) ------------------
 
 
 def _reductions(
@@ -399,10 +405,10 @@ def _reductions(
     window = plan_window((pixels.shape[0], pixels.shape[1]), params, max_xsize=10000)
     zeroed = zero_masked(pixels.copy(), PixelMask(bad.copy()))
     code = int(np.iinfo(pixels.dtype).max)
-    return (
-        reduce_window(zeroed, window, code, fold_edges=False),
-        reduce_window(zeroed, window, code, fold_edges=True),
-    )
+    original = reduce_window(zeroed, window, code)
+    folded = reduce_window(zeroed, window, code)
+    fold_edges(zeroed, window, folded.pixels)
+    return original, folded
 
 
 FOLD_GEOMETRIES = [
@@ -463,3 +469,18 @@ def test_with_the_fold_every_window_pixel_survives(
             pixels[row, col] = 1000
             _, folded = _reductions(pixels, np.zeros(shape, bool), params)
             assert int(folded.pixels.max()) == 1000, (row, col)
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.uint32])
+def test_the_fold_leaves_the_numbers_alone(
+    rng: np.random.Generator, dtype: type[np.unsignedinteger[Any]]
+) -> None:
+    # 83 x 97 -> 9: the last columns and rows are in no box; put the brightest pixel there.
+    pixels = rng.integers(0, 1000, (83, 97)).astype(dtype)
+    pixels[82, 96] = 60000
+    plain = reduce_frame(make_frame(pixels.copy()), ViewParams(xsize=9))
+    folded = reduce_frame(make_frame(pixels.copy()), ViewParams(xsize=9), fold=True)
+    assert folded.meta == plain.meta  # mean, rms, spots, levels: the original's
+    assert int(plain.pixels.max()) < 60000 == int(folded.pixels[8, 8])
+    changed = np.argwhere(plain.pixels != folded.pixels)
+    assert all(row == 8 or col == 8 for row, col in changed.tolist())

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from istasks import jobs
 from istasks.cache import report_outcome
 from istasks.errors import IsError
 from istasks.service import Service, build_service
@@ -214,3 +215,21 @@ def test_jpeg_lru_budget_zero_turns_it_off(redis_url: str, master: Path) -> None
         assert outcomes == ["computed", "lru"] and len(svc.jpegs) == 0
     finally:
         svc.close()
+
+
+def test_fold_setting_has_its_own_cache_entries(redis_url: str, master: Path) -> None:
+    # IS_FOLD_EDGES changes the picture, never the numbers; workers of either setting may
+    # share one Redis, so the folded reduction is cached under its own key.
+    job = {"type": "jpeg", "fn": str(master), "frame": 1, "xsize": 9}
+    plain = build_service(Settings(redis_url=redis_url), IDENT)
+    folded = build_service(Settings(redis_url=redis_url, fold_edges=True), IDENT)
+    try:
+        plain_meta = plain.jpeg(job)[1]
+        assert folded.jpeg(job)[1] == plain_meta
+        assert folded.cache.stats()["computed"] == 2  # per ESAF: one reduction per setting
+        params = folded.reduced(str(master), jobs.view_params(job)).pixels
+        unfolded = plain.reduced(str(master), jobs.view_params(job)).pixels
+        assert (params >= unfolded).all()
+    finally:
+        plain.close()
+        folded.close()

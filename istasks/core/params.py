@@ -36,14 +36,15 @@ class ViewParams:
     segrow: float = 0.0
     keep_aspect: bool = False
 
-    def cache_token(self) -> str:
+    def cache_token(self, *, fold: bool = False) -> str:
         """Stable text naming this geometry inside a cache key: the original's
         ``<frame>-<zoom %.1f>-<segcol %.3f>-<segrow %.3f>-<xsize>`` (spec 5.9), our
-        aspect flag and :data:`REDUCTION_VERSION`."""
+        aspect flag, :data:`REDUCTION_VERSION` and ``-f`` for a picture with the edge
+        fold (workers of different settings may share one cache)."""
         aspect = "a" if self.keep_aspect else "s"
         return (
             f"{self.frame}-{self.zoom:.1f}-{self.segcol:.3f}-{self.segrow:.3f}"
-            f"-{self.xsize}-{aspect}-{REDUCTION_VERSION}"
+            f"-{self.xsize}-{aspect}-{REDUCTION_VERSION}{'-f' if fold else ''}"
         )
 
 

@@ -24,6 +24,7 @@ from istasks.core.readers.base import Frame, Meta
 from istasks.core.reduce import (
     PIXEL_DTYPES,
     clamp_to_saturation,
+    fold_edges,
     plan_window,
     reduce_window,
     usable_pixels,
@@ -122,11 +123,13 @@ def reduce_frame(
     *,
     spot_sensitivity: float = 1.5,
     max_xsize: int = 10000,
-    fold_edges: bool = False,
+    fold: bool = False,
 ) -> Reduced:
     """Reduce ``frame`` to the view ``params`` and compute its statistics (spec 5.5, 5.6),
-    as the original did; ``fold_edges`` adds our edge fold (see :mod:`istasks.core.reduce`;
-    off by default because it changes the numbers of most full views).
+    as the original did. ``fold`` (``IS_FOLD_EDGES``) then adds our edge fold to the
+    picture, after the statistics, so the numbers stay the original's (see
+    :mod:`istasks.core.reduce`; off by default: the recorded replies are the original's
+    pictures, and at small sizes the fold visibly changes a whole edge row/column).
 
     Masked pixels of ``frame.pixels`` are zeroed in place (the pipeline owns the array).
     Raises InvalidView for an ``xsize`` over ``max_xsize``, DataUnavailable for a frame
@@ -136,7 +139,7 @@ def reduce_frame(
     window = plan_window((pixels.shape[0], pixels.shape[1]), params, max_xsize=max_xsize)
     pixels = zero_masked(pixels, frame.mask)
     pixels = clamp_to_saturation(pixels, frame.saturation)
-    reduction = reduce_window(pixels, window, frame.saturation, fold_edges=fold_edges)
+    reduction = reduce_window(pixels, window, frame.saturation)
     centre = window.to_output(*_beam_centre(frame.meta, pixels.shape))
     stats = image_stats(
         reduction.pixels, centre, sentinel=reduction.sentinel, sensitivity=spot_sensitivity
@@ -145,6 +148,8 @@ def reduce_frame(
     meta.update(stats)
     # This reduction's own count; the original sent an earlier reduction's (bug 15).
     meta["nSaturated"] = reduction.saturated
+    if fold:
+        fold_edges(pixels, window, reduction.pixels)
     return Reduced(reduction.pixels, frame.saturation, meta, reduction.sentinel)
 
 
