@@ -12,6 +12,7 @@ COPY pyproject.toml README.md ./
 COPY istasks ./istasks
 COPY bridge ./bridge
 COPY queues ./queues
+COPY ops ./ops
 RUN python -m venv /opt/is/.venv \
  && /opt/is/.venv/bin/pip install --upgrade pip setuptools wheel \
  && /opt/is/.venv/bin/pip install . \

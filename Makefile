@@ -27,9 +27,10 @@ bench-quick: $(STAMP)
 	$(PY) -m bench $(BENCH_QUICK)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check istasks bridge queues tests bench
-	$(VENV)/bin/ruff format --check istasks bridge queues tests bench
+	$(VENV)/bin/ruff check istasks bridge queues ops tests bench
+	$(VENV)/bin/ruff format --check istasks bridge queues ops tests bench
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -22,16 +22,16 @@ from typing import Any
 import redis
 import zmq
 
-from bridge import client
-from bridge.devsession import generate_keypair, isauth_for, sign_isauth, write_session
-from bridge.identity import IdentityResolver, IdRange
 from bridge.metrics import BridgeMetrics
 from bridge.outcome import Reply
 from bridge.server import BridgeServer
 from bridge.sessions import SeenSessions, SessionVerifier, load_public_key, session_redis
-from istasks.redisserver import start_redis
 from istasks.replies import success_frames
 from istasks.settings import Settings
+from ops import client
+from ops.devsession import generate_keypair, isauth_for, sign_isauth, write_session
+from ops.redisserver import start_redis
+from queues.identity import IdentityResolver, IdRange
 from queues.naming import Identity
 
 ANY = IdRange(1, 2**32 - 2)

@@ -1,6 +1,6 @@
 """The whole request path on loopback (issue 3): REQ client -> is-proxy -> bridge -> worker.
 
-The service is started as ``isctl up`` starts it (:class:`istasks.stack.Stack`, own
+The service is started as ``isctl up`` starts it (:class:`ops.stack.Stack`, own
 redis-server, supervisor, bridge behind an is-proxy) and asked for 1024 px views of an
 Eiger2 X 16M dataset (4362 x 4148 uint32, bitshuffle+LZ4). Figures:
 
@@ -32,10 +32,10 @@ from typing import Any
 
 import zmq
 
-from bridge.client import request
 from istasks.settings import Settings
-from istasks.stack import Stack, dev_user
-from istasks.testdata.eiger import write_eiger2_16m
+from ops.client import request
+from ops.stack import Stack, dev_user
+from ops.testdata.eiger import write_eiger2_16m
 from queues.pool import SupervisorClient
 
 #: Frames in the dataset: one warm frame plus one cold view per other frame.

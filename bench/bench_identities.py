@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from istasks.app import create_app
-from istasks.redisserver import start_redis
 from istasks.settings import Settings
-from istasks.testdata.marccd import write_marccd
+from ops.redisserver import start_redis
+from ops.testdata.marccd import write_marccd
 from queues.envelope import seal
 from queues.naming import Identity
 from queues.pool import SupervisorClient

@@ -39,11 +39,11 @@ from bench.bench_e2e import (
     view_ms,
     worker_pids,
 )
-from bridge.client import request
 from istasks.settings import Settings
-from istasks.stack import Stack
-from istasks.testdata.eiger import write_eiger2_16m
-from istasks.testdata.marccd import write_marccd
+from ops.client import request
+from ops.stack import Stack
+from ops.testdata.eiger import write_eiger2_16m
+from ops.testdata.marccd import write_marccd
 from tests.accounts import Account, Accounts
 
 N_FRESH = 20

@@ -1,6 +1,6 @@
 """Load (issue 6): 16 is.js-style clients for 60 s over 4 identities, plus one long index.
 
-The service runs as ``isctl up`` runs it (:class:`istasks.stack.Stack`: own redis-server,
+The service runs as ``isctl up`` runs it (:class:`ops.stack.Stack`: own redis-server,
 supervisor forking one worker per identity, bridge behind an is-proxy). As root the
 identities are 4 real accounts (``tests.accounts.Accounts``: useradd, removed after);
 otherwise 4 sessions of the current user, which all map to one identity (a row says so).
@@ -42,11 +42,11 @@ import redis
 import zmq
 
 from bench.bench_e2e import data_directory, percentiles, start_stack, stop_stack, worker_pids
-from bridge.client import request
-from istasks.redisserver import start_redis
 from istasks.settings import Settings
-from istasks.stack import Stack, dev_user
-from istasks.testdata.eiger import write_eiger
+from ops.client import request
+from ops.redisserver import start_redis
+from ops.stack import Stack, dev_user
+from ops.testdata.eiger import write_eiger
 
 if TYPE_CHECKING:  # imported when run: tests/test_load.py must not load it at collection,
     from tests.accounts import Accounts  # where pytest registers it as a plugin later

@@ -23,7 +23,7 @@ import numpy as np
 from istasks.core.readers import eiger_mask
 from istasks.core.readers.eiger import EigerReader
 from istasks.core.readers.eiger_meta import PIXEL_MASK_PATH
-from istasks.testdata.eiger import write_eiger2_16m
+from ops.testdata.eiger import write_eiger2_16m
 
 TARGET_SAME_MASK_MS = 120.0
 REPEATS = 7

@@ -1,7 +1,7 @@
 """Interactive views while an admin prefetch runs (issue 5): warm-view p99 stays within
 2x of the idle p99.
 
-The service runs as ``isctl up`` runs it (istasks.stack: own redis-server, supervisor,
+The service runs as ``isctl up`` runs it (ops.stack: own redis-server, supervisor,
 bridge behind an is-proxy). One client asks 1024 px views of a cached frame, first with
 nothing else running, then while ``isctl prefetch`` (same identity, sizes 384 and 1024,
 the default window) warms a 100-frame dataset nobody has viewed yet. Frames are Eiger
@@ -36,11 +36,11 @@ from typing import Any
 import h5py
 import numpy as np
 
-from bridge.client import request
 from istasks.settings import Settings
-from istasks.stack import Stack, dev_user
-from istasks.testdata.eiger import data_file_name, make_pixel_mask, write_eiger
-from istasks.testdata.eiger_master import MasterSpec, write_master
+from ops.client import request
+from ops.stack import Stack, dev_user
+from ops.testdata.eiger import data_file_name, make_pixel_mask, write_eiger
+from ops.testdata.eiger_master import MasterSpec, write_master
 
 SHAPE = (2167, 2070)  # Eiger 4M
 FRAMES_PER_FILE = 10

@@ -19,7 +19,7 @@ import numpy as np
 
 from istasks.core import bslz4
 from istasks.core.readers.eiger import EigerReader
-from istasks.testdata.eiger import write_eiger2_16m
+from ops.testdata.eiger import write_eiger2_16m
 
 TARGET_MS = 60.0
 REPEATS = 15

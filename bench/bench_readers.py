@@ -17,8 +17,8 @@ import numpy as np
 import tifffile
 
 from istasks.core.readers import detect_format, open_reader
-from istasks.testdata.cbf import write_cbf
-from istasks.testdata.marccd import write_marccd
+from ops.testdata.cbf import write_cbf
+from ops.testdata.marccd import write_marccd
 
 REAL_MARCCD = Path(__file__).resolve().parents[1].parent / "shared" / "testdata"
 REAL_MARCCD = REAL_MARCCD / "marccd165_Ge_blanc_0000.mccd"

@@ -18,9 +18,9 @@ from typing import Any
 
 from bridge.dispatch import CeleryDispatcher
 from istasks.app import create_app
-from istasks.redisserver import start_redis
 from istasks.settings import Settings
-from istasks.testdata.eiger import write_eiger
+from ops.redisserver import start_redis
+from ops.testdata.eiger import write_eiger
 from queues.envelope import queue_key
 from queues.naming import Identity
 

@@ -19,10 +19,10 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
-from bridge.identity import IdentityResolver
 from bridge.sessions import SessionConfigError, SessionVerifier
 from istasks.logs import configure_logging
 from istasks.settings import Settings, get_settings
+from queues.identity import IdentityResolver
 
 if TYPE_CHECKING:
     from bridge.dispatch import Dispatcher

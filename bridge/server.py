@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING, Any
 
 import zmq
 
-from bridge.identity import IdentityResolver
 from bridge.outcome import Outcome, Reply, exception_outcome, frames_outcome
 from bridge.sessions import SessionVerifier
 from bridge.wire import MalformedEnvelope, parse_job, reply_message, split_envelope
@@ -34,6 +33,7 @@ from istasks.jobs import Job, dumps, int_field, str_field
 from istasks.logs import log_value, redact_token, token_prefix
 from istasks.replies import exception_frames
 from istasks.settings import Settings
+from queues.identity import IdentityResolver
 
 if TYPE_CHECKING:  # the protocol only; importing it at run time would load Celery
     from bridge.dispatch import Dispatcher
@@ -323,7 +323,7 @@ class BridgeServer:
         try:
             esaf = int_field(job, "esaf")
             session = self._sessions.verify(pid, esaf)
-            identity = self._identities.resolve(session, esaf)
+            identity = self._identities.resolve(session.user, esaf)
             identity_text = identity.queue
             kind = request_kind(job)
             future = self._dispatcher.submit(identity, kind, job, rid)

@@ -1,4 +1,4 @@
-"""The worker side of admin prefetch: the ``is.prefetch`` task (istasks.prefetch sends it).
+"""The worker side of admin prefetch: the ``is.prefetch`` task (ops.prefetch sends it).
 
 One task is one frame of one file at one or more view widths. The worker reduces the
 frame at each width through the same ViewParams and cache key as a ``jpeg`` request of
@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from celery import Celery
 
+from istasks.context import WorkerContext, open_job
 from istasks.core.params import MIN_XSIZE
 from istasks.errors import FrameNotFound, IsError, RequestError
 from istasks.jobs import Job, view_params
@@ -29,7 +30,6 @@ from istasks.replies import error_text
 
 if TYPE_CHECKING:
     from istasks.service import Service
-    from istasks.tasks import WorkerContext
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +111,6 @@ def run_prefetch(context: WorkerContext, token: object) -> Report:
     job: Job = {}
     rid = "-"
     try:
-        from istasks.tasks import open_job  # tasks imports this module: no cycle at import
-
         job, rid = open_job(context, token, context.settings.prefetch_max_age_s)
         at_low_priority(lambda: warm(context.service, job))
         report: Report = {"status": DONE}

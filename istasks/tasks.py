@@ -13,35 +13,23 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from celery import Celery, Task
 
 from istasks.app import TASK_NAMES
 from istasks.cache import report_outcome
+from istasks.context import WorkerContext, open_job
 from istasks.errors import EnvelopeError, IsError
 from istasks.jobs import Job, int_field, str_field
 from istasks.logs import log_value, redact_token
 from istasks.prefetch_task import register as register_prefetch
 from istasks.replies import error_text
-from istasks.service import Frames, Service
-from istasks.settings import Settings
-from queues.envelope import open_envelope
+from istasks.service import Frames
 
 log = logging.getLogger(__name__)
 
 TaskResult = dict[str, Any]
-
-
-@dataclass(frozen=True)
-class WorkerContext:
-    """What this worker process serves: its queue, that queue's key, its service."""
-
-    queue: str
-    queue_key: bytes
-    settings: Settings
-    service: Service
 
 
 def register(app: Celery, context: WorkerContext) -> None:
@@ -145,18 +133,3 @@ def _log_task(
         result["elapsed_ms"],
         f" error={log_value(error)}" if error else "",
     )
-
-
-def open_job(
-    context: WorkerContext, token: object, max_age_s: float | None = None
-) -> tuple[dict[str, Any], str]:
-    """Verify the envelope (sealed for this worker's queue, at most ``max_age_s`` old,
-    default the task setting); the job and request id inside, or EnvelopeError."""
-    if not isinstance(token, str):
-        raise EnvelopeError("task argument is not an envelope")
-    max_age = context.settings.task_max_age_s if max_age_s is None else max_age_s
-    payload = open_envelope(context.queue_key, context.queue, token, max_age)
-    job, request_id = payload.get("job"), payload.get("rid")
-    if not isinstance(job, dict):
-        raise EnvelopeError("task envelope carries no job object")
-    return job, str(request_id) if request_id is not None else "-"

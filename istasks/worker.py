@@ -60,8 +60,9 @@ def serve(
     for name in _QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
     # Import the image core now, not on the first request (numpy, h5py, Pillow: ~0.5 s).
+    from istasks.context import WorkerContext
     from istasks.service import build_service
-    from istasks.tasks import WorkerContext, register
+    from istasks.tasks import register
 
     threads = concurrency or settings.worker_concurrency
     service = build_service(settings, identity, threads=threads)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from bridge.devsession import generate_keypair
+from ops.devsession import generate_keypair
 
 #: Exit codes of useradd/userdel/groupdel meaning "the account files are locked".
 _LOCKED_CODES = {1, 10}

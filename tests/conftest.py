@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import redis
 
-from istasks.redisserver import RedisProcess, start_redis
 from istasks.settings import reset_settings
+from ops.redisserver import RedisProcess, start_redis
 
 
 @pytest.fixture(scope="session")

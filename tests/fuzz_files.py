@@ -22,10 +22,10 @@ import h5py
 import numpy as np
 import tifffile
 
-from istasks.testdata.cbf import write_cbf
-from istasks.testdata.eiger import write_eiger
-from istasks.testdata.eiger_master import MasterSpec, write_master
-from istasks.testdata.marccd import frame_header, marccd_header_values, write_marccd
+from ops.testdata.cbf import write_cbf
+from ops.testdata.eiger import write_eiger
+from ops.testdata.eiger_master import MasterSpec, write_master
+from ops.testdata.marccd import frame_header, marccd_header_values, write_marccd
 
 #: Paths outside the tree: devices that never end or block, /proc files that would leak
 #: the worker's environment or memory, unreadable files and path tricks.

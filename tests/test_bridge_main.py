@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING
 import pytest
 import redis
 
-from bridge import client
-from bridge.devsession import isauth_for, sign_isauth, write_session
-from istasks.redisserver import free_port
+from ops import client
+from ops.devsession import isauth_for, sign_isauth, write_session
+from ops.redisserver import free_port
 from tests.wire_assert import assert_error_reply
 
 if TYPE_CHECKING:

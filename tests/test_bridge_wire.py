@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import zmq
 
-from bridge import client
 from bridge.proxy import Proxy
 from bridge.wire import MAX_ENVELOPE_FRAMES, MAX_PAYLOAD_BYTES
-from istasks.redisserver import free_port
+from ops import client
+from ops.redisserver import free_port
 from tests.wire_assert import assert_error_reply, assert_success_reply
 
 if TYPE_CHECKING:  # imported at runtime by pytest as plugins (below)

@@ -28,7 +28,7 @@ from istasks.core.readers.base import Frame
 from istasks.core.view import Reduced, reduce_frame
 from istasks.errors import DataUnavailable
 from istasks.keys import REDUCED, lock_key, stats_key
-from istasks.redisserver import free_port
+from ops.redisserver import free_port
 from tests.processes import wait_for
 
 GID = 5001

@@ -16,8 +16,8 @@ from istasks.core.readers.base import FrameReader
 from istasks.core.readers.cbf import CbfReader
 from istasks.core.readers.tiff import TiffReader
 from istasks.errors import DataUnavailable, UnknownFormat
-from istasks.testdata import cbf as cbfdata
-from istasks.testdata.cbf import cbf_pixels, module_gaps, write_cbf
+from ops.testdata import cbf as cbfdata
+from ops.testdata.cbf import cbf_pixels, module_gaps, write_cbf
 
 SHAPE = (430, 990)  # two module rows and two module columns of the 6M layout
 

@@ -26,9 +26,9 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from bridge.devsession import ensure_keypair
 from istasks.settings import Settings
-from istasks.stack import Stack
+from ops.devsession import ensure_keypair
+from ops.stack import Stack
 
 if TYPE_CHECKING:
     from tests.accounts import Account, Accounts

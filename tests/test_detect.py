@@ -22,8 +22,8 @@ from istasks.core.readers.detect import FORMATS
 from istasks.core.readers.rayonix import RayonixReader
 from istasks.core.readers.tiff import TiffReader
 from istasks.errors import DataUnavailable, UnknownFormat
-from istasks.testdata.cbf import write_cbf
-from istasks.testdata.marccd import write_marccd
+from ops.testdata.cbf import write_cbf
+from ops.testdata.marccd import write_marccd
 
 SHARED_TESTDATA = Path(__file__).resolve().parents[1].parent / "shared" / "testdata"
 REAL_MARCCD = SHARED_TESTDATA / "marccd165_Ge_blanc_0000.mccd"

@@ -1,6 +1,6 @@
 """End to end: is.js-style REQ client -> is-proxy -> bridge -> Celery worker -> back.
 
-The stack is started exactly as ``isctl up`` starts it (istasks.stack): its own
+The stack is started exactly as ``isctl up`` starts it (ops.stack): its own
 redis-server, the supervisor (as root it forks workers under the session's identity),
 the bridge and an is-proxy. Nothing is replaced by a stand-in except the external
 indexer program, which the test writes as a script.
@@ -23,11 +23,11 @@ import pytest
 import redis
 from PIL import Image
 
-from bridge.client import request
 from istasks import keys
 from istasks.settings import Settings
-from istasks.stack import Stack, dev_user
-from istasks.testdata.eiger import write_eiger
+from ops.client import request
+from ops.stack import Stack, dev_user
+from ops.testdata.eiger import write_eiger
 from tests.wire_assert import assert_error_reply, assert_success_reply
 
 pytestmark = pytest.mark.slow

@@ -31,7 +31,7 @@ from istasks.core.readers.eiger_meta import (
     read_value,
 )
 from istasks.errors import DataUnavailable, FrameNotFound, UnknownFormat
-from istasks.testdata.eiger import (
+from ops.testdata.eiger import (
     REAL_DATA_FILE,
     REAL_DATA_SHAPE,
     VIRTUAL_BIT,

@@ -16,7 +16,7 @@ import pytest
 from istasks.core.readers import eiger_mask
 from istasks.core.readers.eiger import EigerReader
 from istasks.core.readers.eiger_mask import cache_stats, invalid_pixels, read_mask
-from istasks.testdata.eiger import write_eiger
+from ops.testdata.eiger import write_eiger
 
 DS = "/entry/instrument/detector/detectorSpecific"
 SHAPE = (70, 83)  # not a multiple of the chunk shapes below: edge chunks are cut

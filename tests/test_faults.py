@@ -1,6 +1,6 @@
 """Proof under stress (issue 6): faults injected into the real stack, as ``isctl up`` runs it.
 
-Each test starts its own stack (istasks.stack: redis-server, supervisor, bridge, and an
+Each test starts its own stack (ops.stack: redis-server, supervisor, bridge, and an
 is-proxy in front as at LS-CAT), breaks one part of it and checks two things: what the
 client sees (exactly one reply, in bounded time, or for a request lost with the bridge
 nothing at all, never a late one) and that the service recovers by itself.
@@ -36,12 +36,12 @@ import redis
 import zmq
 from PIL import Image
 
-from bridge.client import request
 from istasks import keys
-from istasks.redisserver import RedisProcess, start_redis
 from istasks.settings import Settings
-from istasks.stack import Stack, dev_user
-from istasks.testdata.eiger import write_eiger
+from ops.client import request
+from ops.redisserver import RedisProcess, start_redis
+from ops.stack import Stack, dev_user
+from ops.testdata.eiger import write_eiger
 from queues.pool import SupervisorClient
 from tests.processes import terminate, wait_for
 from tests.supervisor_harness import ROOT

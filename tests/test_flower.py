@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from istasks.flower import MAX_TASKS, FlowerOptions, flower_argv, flower_env, main
-from istasks.redisserver import free_port
 from istasks.settings import Settings, reset_settings
-from istasks.status import collect_status
+from ops.flower import MAX_TASKS, FlowerOptions, flower_argv, flower_env, main
+from ops.redisserver import free_port
+from ops.status import collect_status
 from tests.processes import terminate
 
 AUTH = "admin:correct-horse"
@@ -111,13 +111,13 @@ def _process(args: list[str], env: dict[str, str], log: Path) -> Iterator[subpro
 def _flower(
     redis_url: str, tmp_path: Path, *args: str, auth: str | None = AUTH
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """``python -m istasks.flower`` on a free port; its base URL once /healthcheck answers."""
+    """``python -m ops.flower`` on a free port; its base URL once /healthcheck answers."""
     port = free_port()
     extra = {"IS_FLOWER_PORT": str(port)}
     if auth:
         extra["IS_FLOWER_BASIC_AUTH"] = auth
     log = tmp_path / "flower.log"
-    command = [sys.executable, "-m", "istasks.flower", *args]
+    command = [sys.executable, "-m", "ops.flower", *args]
     with _process(command, _child_env(redis_url, **extra), log) as proc:
         base = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 60

@@ -1,6 +1,6 @@
 """Proof under stress, bad input: over 10,000 malformed or hostile requests, each answered once.
 
-The service runs as ``isctl up`` runs it (istasks.stack: its own Redis, the supervisor
+The service runs as ``isctl up`` runs it (ops.stack: its own Redis, the supervisor
 forking per-identity workers, the bridge). Hypothesis generates the requests: hostile
 job fields behind a valid session, payloads no encoder writes, and every multipart
 shape; a fixed list adds hostile files (empty, truncated, FIFOs, devices, /proc, symlinks
@@ -27,9 +27,9 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from bridge.client import request
 from istasks.settings import Settings
-from istasks.stack import Stack, dev_user
+from ops.client import request
+from ops.stack import Stack, dev_user
 from queues.naming import queue_name
 from queues.pool import SupervisorClient
 from tests.fuzz_files import HostileTree, build_tree

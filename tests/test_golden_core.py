@@ -33,7 +33,7 @@ from istasks.core.contrast import contrast_levels, to_8bit
 from istasks.core.params import ContrastParams, LabelParams, ViewParams
 from istasks.core.readers import open_reader
 from istasks.core.view import Reduced, reduce_frame, render_jpeg
-from istasks.testdata.eiger import wrap_real_data_file
+from ops.testdata.eiger import wrap_real_data_file
 from tests.spec_view import spec_reduce, spec_stats
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"

@@ -16,10 +16,10 @@ import redis
 from istasks.errors import IndexerError, IsError
 from istasks.indexer import IndexRequest, detector_option, image_arguments, run_index
 from istasks.keys import progress_channel
-from istasks.redisserver import free_port
 from istasks.service import build_service
 from istasks.settings import Settings
-from istasks.testdata.eiger import write_eiger
+from ops.redisserver import free_port
+from ops.testdata.eiger import write_eiger
 from queues.naming import Identity
 
 # Stand-in indexer: reports what it was given on the json fd, talks on the progress fd

@@ -19,16 +19,16 @@ import pytest
 import redis
 from PIL import Image
 
-from bridge.client import request
-from bridge.devsession import generate_keypair, isauth_for, sign_isauth, write_session
 from bridge.proxy import Proxy
 from istasks.settings import Settings
-from istasks.stack import Stack, StackConfigError, dev_user
+from ops.client import request
+from ops.devsession import generate_keypair, isauth_for, sign_isauth, write_session
+from ops.stack import Stack, StackConfigError, dev_user
 from tests.wire_assert import assert_error_reply, assert_success_reply
 
 pytestmark = pytest.mark.slow
 
-ISCTL = [sys.executable, "-c", "import sys; from istasks.cli import main; sys.exit(main())"]
+ISCTL = [sys.executable, "-c", "import sys; from ops.cli import main; sys.exit(main())"]
 
 
 def _children_of(pid: int) -> list[int]:

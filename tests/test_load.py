@@ -18,10 +18,10 @@ import redis
 
 from bench.bench_e2e import data_directory
 from bench.bench_load import LoadConfig, measure
-from bridge.client import request
 from istasks.settings import Settings
-from istasks.stack import Stack, dev_user
-from istasks.testdata.eiger import write_eiger
+from ops.client import request
+from ops.stack import Stack, dev_user
+from ops.testdata.eiger import write_eiger
 from tests.wire_assert import assert_success_reply
 
 pytestmark = pytest.mark.slow

@@ -19,12 +19,12 @@ import pytest
 import zmq
 from prometheus_client.parser import text_string_to_metric_families
 
-from bridge.client import request
 from bridge.metrics import BridgeMetrics, MetricsEndpoint, SupervisorWorkerCount
-from istasks.redisserver import free_port
 from istasks.settings import Settings
-from istasks.stack import Stack, dev_user
-from istasks.testdata.eiger import write_eiger
+from ops.client import request
+from ops.redisserver import free_port
+from ops.stack import Stack, dev_user
+from ops.testdata.eiger import write_eiger
 from queues.pool import SupervisorClient
 from tests.wire_assert import assert_error_reply, assert_success_reply
 

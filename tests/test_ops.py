@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from istasks.redisserver import RedisNotFound, redis_server_binary
 from istasks.settings import ENV_PREFIX, Settings
+from ops.redisserver import RedisNotFound, redis_server_binary
 
 ROOT = Path(__file__).resolve().parent.parent
 OPS = ROOT / "ops"
@@ -144,7 +144,7 @@ def test_flower_unit_runs_our_entry_point_without_privilege() -> None:
     flower = OPS / "systemd" / "is-flower.service"
     assert _one(flower, "DynamicUser") == "yes"
     assert _one(flower, "CapabilityBoundingSet") == ""
-    assert _one(flower, "ExecStart").split()[1:] == ["-m", "istasks.flower"]
+    assert _one(flower, "ExecStart").split()[1:] == ["-m", "ops.flower"]
     assert not _values(flower, "LoadCredential"), "Flower must not get the task secret"
 
 

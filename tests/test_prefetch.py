@@ -1,6 +1,6 @@
 """Admin prefetch (``isctl prefetch``) against the service started as ``isctl up`` starts it.
 
-Real redis-server, supervisor, per-identity worker and bridge (istasks.stack); datasets
+Real redis-server, supervisor, per-identity worker and bridge (ops.stack); datasets
 written with bitshuffle-LZ4 like the detector writes them. Whether prefetch worked is
 read from the cache's own counters: a view of a prefetched frame computes nothing.
 """
@@ -23,18 +23,19 @@ import itsdangerous
 import pytest
 import redis
 
-from bridge.client import request
-from istasks import cli, keys, prefetch, prefetch_task, prefetch_watch
+from istasks import keys, prefetch_task
+from istasks.context import WorkerContext
 from istasks.errors import IdentityError
-from istasks.prefetch import FrameRange, Options, Sender
-from istasks.prefetch_progress import ProgressBar, Tally
 from istasks.prefetch_task import PrefetchError
-from istasks.prefetch_watch import Watcher
 from istasks.service import build_service
 from istasks.settings import Settings
-from istasks.stack import Stack, dev_user
-from istasks.tasks import WorkerContext
-from istasks.testdata.eiger import write_eiger
+from ops import cli, prefetch, prefetch_watch
+from ops.client import request
+from ops.prefetch import FrameRange, Options, Sender
+from ops.prefetch_progress import ProgressBar, Tally
+from ops.prefetch_watch import Watcher
+from ops.stack import Stack, dev_user
+from ops.testdata.eiger import write_eiger
 from queues.envelope import queue_key, seal
 from queues.naming import Identity
 from tests.wire_assert import assert_success_reply
@@ -176,7 +177,7 @@ def test_missing_and_broken_files_are_errors_not_crashes(
 def _isctl(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
     """``isctl`` as an admin runs it next to the service (same IS_* environment)."""
     return subprocess.run(
-        [sys.executable, "-m", "istasks.cli", *args],
+        [sys.executable, "-m", "ops.cli", *args],
         env=stack.env, cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
 

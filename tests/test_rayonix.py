@@ -15,7 +15,7 @@ import tifffile
 from istasks.core.readers.base import FrameReader
 from istasks.core.readers.rayonix import RayonixReader
 from istasks.errors import DataUnavailable, UnknownFormat
-from istasks.testdata.marccd import (
+from ops.testdata.marccd import (
     HEADER_FIELDS,
     HEADER_OFFSET,
     marccd_header_values,

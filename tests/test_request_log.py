@@ -22,16 +22,17 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from bridge.client import request
 from bridge.outcome import Reply, exception_outcome, frames_outcome
 from istasks.cache import ReducedCache, report_outcome
+from istasks.context import WorkerContext
 from istasks.errors import AuthError, IdentityError, RequestError, WorkerUnavailable
 from istasks.logs import log_value, parse_fields
 from istasks.service import build_service
 from istasks.settings import Settings
-from istasks.stack import Stack, dev_user
-from istasks.tasks import WorkerContext, run_task
-from istasks.testdata.eiger import write_eiger
+from istasks.tasks import run_task
+from ops.client import request
+from ops.stack import Stack, dev_user
+from ops.testdata.eiger import write_eiger
 from queues.envelope import queue_key, seal
 from queues.naming import Identity
 from tests.wire_assert import assert_error_reply, assert_success_reply

@@ -1,6 +1,6 @@
 """Proof under stress, security matrix: every way in that must be refused, refused clearly.
 
-Against the service as ``isctl up`` runs it (istasks.stack), each row is one attack with
+Against the service as ``isctl up`` runs it (ops.stack), each row is one attack with
 the exact refusal it must get: forged or tampered session signatures, a pid mismatch,
 an ESAF not in the session, a logged-out session, uid/gid 0, a file the identity cannot
 read, another ESAF's cache keys with a worker's own Redis credentials, tasks written
@@ -30,14 +30,14 @@ from celery import Celery
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from bridge.client import request
-from bridge.devsession import ensure_keypair, generate_keypair, isauth_for, sign_isauth
 from istasks import keys
 from istasks.app import create_app
 from istasks.jobs import dumps, spots_job
 from istasks.settings import Settings
-from istasks.stack import Stack, dev_user
-from istasks.testdata.eiger import write_eiger
+from ops.client import request
+from ops.devsession import ensure_keypair, generate_keypair, isauth_for, sign_isauth
+from ops.stack import Stack, dev_user
+from ops.testdata.eiger import write_eiger
 from queues.acl import USER_PREFIX
 from queues.envelope import seal
 from queues.naming import Identity

@@ -15,7 +15,7 @@ from istasks.cache import report_outcome
 from istasks.errors import IsError
 from istasks.service import Service, build_service
 from istasks.settings import Settings
-from istasks.testdata.eiger import write_eiger
+from ops.testdata.eiger import write_eiger
 from queues.naming import Identity
 
 GID = 5001

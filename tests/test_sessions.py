@@ -14,7 +14,6 @@ import redis
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from bridge.devsession import generate_keypair, isauth_for, sign_isauth, write_session
 from bridge.sessions import (
     SeenSessions,
     SessionConfigError,
@@ -26,6 +25,7 @@ from bridge.sessions import (
 from istasks import keys
 from istasks.errors import AuthError
 from istasks.settings import Settings
+from ops.devsession import generate_keypair, isauth_for, sign_isauth, write_session
 from tests.wire_assert import assert_error_reply, assert_success_reply
 
 if TYPE_CHECKING:

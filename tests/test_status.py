@@ -17,9 +17,9 @@ import redis
 
 from istasks import keys
 from istasks.app import create_app
-from istasks.redisserver import free_port
 from istasks.settings import Settings, reset_settings
-from istasks.status import collect_status, format_status, main
+from ops.redisserver import free_port
+from ops.status import collect_status, format_status, main
 from queues.naming import Identity
 from tests.processes import terminate
 

@@ -412,9 +412,9 @@ import sys
 from pathlib import Path
 import numpy as np
 import tifffile
-from istasks.testdata.cbf import write_cbf
-from istasks.testdata.eiger import write_eiger
-from istasks.testdata.marccd import write_marccd
+from ops.testdata.cbf import write_cbf
+from ops.testdata.eiger import write_eiger
+from ops.testdata.marccd import write_marccd
 
 data = Path(sys.argv[1])
 files = [write_eiger(data, "e", nimages=1, frames_per_file=1, shape=(64, 66)),

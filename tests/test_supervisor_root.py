@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from celery import Celery
 
-from istasks.testdata.marccd import write_marccd
+from ops.testdata.marccd import write_marccd
 from queues.envelope import queue_key, seal
 from queues.naming import Identity
 from tests.supervisor_harness import (

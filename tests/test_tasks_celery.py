@@ -26,9 +26,9 @@ from bridge.outcome import Reply
 from bridge.progress import parse_progress
 from istasks.app import create_app
 from istasks.keys import progress_channel, stats_key
-from istasks.redisserver import free_port
 from istasks.settings import Settings
-from istasks.testdata.eiger import write_eiger
+from ops.redisserver import free_port
+from ops.testdata.eiger import write_eiger
 from queues.envelope import queue_key, seal
 from queues.naming import Identity
 from queues.pool import Gone, WorkerState

@@ -21,7 +21,9 @@ from pathlib import Path
 from typing import TextIO
 
 from istasks.errors import IsError, WorkerUnavailable
-from istasks.prefetch import (
+from istasks.prefetch_task import DONE, MISSING, TIMEOUT, PrefetchError
+from istasks.settings import Settings
+from ops.prefetch import (
     FrameTask,
     Options,
     Outcome,
@@ -32,9 +34,7 @@ from istasks.prefetch import (
     frame_numbers,
     run_tasks,
 )
-from istasks.prefetch_progress import ProgressBar, Tally
-from istasks.prefetch_task import DONE, MISSING, TIMEOUT, PrefetchError
-from istasks.settings import Settings
+from ops.prefetch_progress import ProgressBar, Tally
 from queues.naming import Identity
 
 DEFAULT_INTERVAL_S = 2.0

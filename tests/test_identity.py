@@ -6,10 +6,9 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from bridge.identity import ESAF_ACCOUNT_MIN, IdentityResolver, IdRange
-from bridge.sessions import Session
 from istasks.errors import IdentityError
 from istasks.settings import Settings
+from queues.identity import ESAF_ACCOUNT_MIN, IdentityResolver, IdRange
 from queues.naming import Identity
 from tests.wire_assert import assert_error_reply, assert_success_reply
 
@@ -26,65 +25,61 @@ def _resolver(policy: str = "user", **ranges: IdRange) -> IdentityResolver:
     return IdentityResolver(policy, uids=ranges.get("uids", ANY), gids=ranges.get("gids", ANY))
 
 
-def _session(user: str | None) -> Session:
-    return Session(pid="p", user=user, allowed_esafs=frozenset())
-
-
 def test_user_policy_small_esaf_uses_the_users_primary_group(accounts: Accounts) -> None:
     user = accounts.shared_user()
     for esaf in (0, 1, ESAF_ACCOUNT_MIN):
-        assert _resolver().resolve(_session(user.name), esaf) == Identity(user.uid, user.gid)
+        assert _resolver().resolve(user.name, esaf) == Identity(user.uid, user.gid)
 
 
 def test_user_policy_large_esaf_uses_the_esaf_accounts_group(accounts: Accounts) -> None:
     user = accounts.shared_user()
     esaf, owner = accounts.esaf()
     assert owner.gid != user.gid
-    assert _resolver().resolve(_session(user.name), esaf) == Identity(user.uid, owner.gid)
+    assert _resolver().resolve(user.name, esaf) == Identity(user.uid, owner.gid)
 
 
 def test_esaf_policy_uses_the_esaf_account(accounts: Accounts) -> None:
     esaf, owner = accounts.esaf()
-    assert _resolver("esaf").resolve(_session(None), esaf) == Identity(owner.uid, owner.gid)
+    assert _resolver("esaf").resolve(None, esaf) == Identity(owner.uid, owner.gid)
 
 
 @pytest.mark.parametrize("esaf", [0, -5])
 def test_esaf_policy_needs_an_esaf(esaf: int) -> None:
     with pytest.raises(IdentityError, match="needs an ESAF number > 0"):
-        _resolver("esaf").resolve(_session("root"), esaf)
+        _resolver("esaf").resolve("root", esaf)
 
 
 def test_unknown_accounts_are_refused(accounts: Accounts) -> None:
     with pytest.raises(IdentityError, match="no Unix account 'no_such_user_x9'"):
-        _resolver().resolve(_session("no_such_user_x9"), 0)
+        _resolver().resolve("no_such_user_x9", 0)
     with pytest.raises(IdentityError, match="no Unix account 'e4000000000'"):
-        _resolver().resolve(_session(accounts.shared_user().name), 4_000_000_000)
+        _resolver().resolve(accounts.shared_user().name, 4_000_000_000)
     with pytest.raises(IdentityError, match="no Unix account"):
-        _resolver().resolve(_session("nul\0byte"), 0)
+        _resolver().resolve("nul\0byte", 0)
     with pytest.raises(IdentityError, match="no user name"):
-        _resolver().resolve(_session(None), 0)
+        _resolver().resolve(None, 0)
 
 
 def test_root_uid_is_refused() -> None:
     with pytest.raises(IdentityError, match="uid 0 or gid 0"):
-        _resolver().resolve(_session("root"), 0)
+        _resolver().resolve("root", 0)
 
 
 def test_root_gid_is_refused(accounts: Accounts) -> None:
     esaf, owner = accounts.esaf(gid=0)
     assert owner.gid == 0 and owner.uid != 0
     with pytest.raises(IdentityError, match="uid 0 or gid 0"):
-        _resolver("esaf").resolve(_session(None), esaf)
+        _resolver("esaf").resolve(None, esaf)
     with pytest.raises(IdentityError, match="uid 0 or gid 0"):
-        _resolver().resolve(_session(accounts.shared_user().name), esaf)
+        _resolver().resolve(accounts.shared_user().name, esaf)
 
 
 def test_ids_outside_the_configured_range_are_refused(accounts: Accounts) -> None:
     user = accounts.shared_user()
     with pytest.raises(IdentityError, match=f"uid {user.uid} outside"):
-        _resolver(uids=IdRange(user.uid + 1, user.uid + 10)).resolve(_session(user.name), 0)
+        _resolver(uids=IdRange(user.uid + 1, user.uid + 10)).resolve(user.name, 0)
     with pytest.raises(IdentityError, match=f"gid {user.gid} outside"):
-        _resolver(gids=IdRange(user.gid + 1, user.gid + 10)).resolve(_session(user.name), 0)
+        _resolver(gids=IdRange(user.gid + 1, user.gid + 10)).resolve(user.name, 0)
 
 
 def test_unknown_policy_is_a_startup_error() -> None:

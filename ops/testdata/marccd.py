@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from istasks.testdata.pattern import diffraction_pattern
+from ops.testdata.pattern import diffraction_pattern
 
 HEADER_OFFSET = 1024
 HEADER_BYTES = 3072

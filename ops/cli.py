@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from istasks.errors import IsError
 
 if TYPE_CHECKING:  # imported when ``up`` runs; the other subcommands stay light
-    from istasks.stack import Stack
+    from ops.stack import Stack
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -99,7 +99,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
     import time
 
     from istasks.settings import get_settings
-    from istasks.stack import Stack, StackConfigError
+    from ops.stack import Stack, StackConfigError
 
     logging.basicConfig(level="INFO", format="isctl up: %(message)s")
     settings = get_settings()
@@ -140,7 +140,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
 def _print_up(stack: Stack, args: argparse.Namespace, master: Path, run_dir: Path) -> None:
     """Where things are, and the one command that fetches a view, when one can work: it
     needs a session the bridge trusts and an endpoint we know."""
-    from istasks.stack import dev_user
+    from ops.stack import dev_user
 
     where = f"bridge {stack.endpoint}"
     if not stack.endpoint:
@@ -174,8 +174,8 @@ def _print_up(stack: Stack, args: argparse.Namespace, master: Path, run_dir: Pat
 
 def _write_demo(directory: Path) -> Path:
     """A small world-readable Eiger dataset and MarCCD frame; the master file's path."""
-    from istasks.testdata.eiger import write_eiger
-    from istasks.testdata.marccd import write_marccd
+    from ops.testdata.eiger import write_eiger
+    from ops.testdata.marccd import write_marccd
 
     master = write_eiger(directory, "demo", nimages=4, frames_per_file=2, shape=(1062, 1028))
     write_marccd(directory / "demo_0001.mccd", size=1024)
@@ -188,8 +188,8 @@ def _cmd_get(args: argparse.Namespace) -> int:
     """Send one request like is.js; save the JPEG, print the job and meta frames."""
     import json
 
-    from bridge.client import request
     from istasks.settings import get_settings
+    from ops.client import request
 
     endpoint = args.endpoint or get_settings().bind_endpoint
     if not endpoint:
@@ -220,8 +220,8 @@ def _cmd_session_add(args: argparse.Namespace) -> int:
     """Create a signed dev session in the session Redis; print its pid."""
     import redis
 
-    from bridge.devsession import ensure_keypair, isauth_for, sign_isauth, write_session
     from istasks.settings import get_settings
+    from ops.devsession import ensure_keypair, isauth_for, sign_isauth, write_session
 
     settings = get_settings()
     url = args.redis or settings.sessions
@@ -242,8 +242,8 @@ def _cmd_session_add(args: argparse.Namespace) -> int:
 
 def _cmd_prefetch(args: argparse.Namespace) -> int:
     """Warm an ESAF's image cache for a dataset or directory (or watch a directory)."""
-    from istasks import prefetch, prefetch_watch
     from istasks.settings import get_settings
+    from ops import prefetch, prefetch_watch
 
     if (args.target is None) == (args.watch is None):
         print("isctl prefetch: give MASTER_OR_DIR or --watch DIR (one of them)", file=sys.stderr)
@@ -357,8 +357,8 @@ def _add_prefetch(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
 #: Subcommands whose own modules parse their arguments (``isctl flower --help`` works).
 PASSTHROUGH = {
-    "flower": ("istasks.flower", "run Flower against the broker (auth from settings)"),
-    "status": ("istasks.status", "per-identity backlog and live workers"),
+    "flower": ("ops.flower", "run Flower against the broker (auth from settings)"),
+    "status": ("ops.status", "per-identity backlog and live workers"),
 }
 
 

@@ -15,7 +15,6 @@ import threading
 import time
 from dataclasses import dataclass
 
-from bridge.sessions import Session
 from istasks.errors import IdentityError
 from istasks.settings import Settings
 from queues.naming import Identity
@@ -71,15 +70,16 @@ class IdentityResolver:
             gids=IdRange(settings.gid_min, settings.gid_max),
         )
 
-    def resolve(self, session: Session, esaf: int) -> Identity:
-        """The identity for this request, or IdentityError."""
-        key = (session.user, esaf)
+    def resolve(self, user: str | None, esaf: int) -> Identity:
+        """The identity for a request of Unix account ``user`` (the session's
+        ``isAuth.uid``; None when the session names none) on ``esaf``, or IdentityError."""
+        key = (user, esaf)
         now = time.monotonic()
         with self._lock:
             hit = self._cache.get(key)
         if hit is not None and now - hit[0] < self._ttl_s:
             return hit[1]
-        identity = self._lookup(session.user, esaf)
+        identity = self._lookup(user, esaf)
         with self._lock:
             if len(self._cache) > 10_000:  # bound memory; entries are cheap to redo
                 self._cache.clear()

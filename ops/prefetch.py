@@ -12,7 +12,7 @@ priority than views. ``--no-wait`` queues everything at once; queue priority the
 still puts views first. Progress comes back as the tasks' results.
 
 Planning runs as the invoking user (root): it opens each dataset for its frame count,
-never its pixels. ``--watch`` is istasks.prefetch_watch.
+never its pixels. ``--watch`` is ops.prefetch_watch.
 """
 
 from __future__ import annotations
@@ -33,13 +33,10 @@ from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import AsyncResult
 from kombu.exceptions import OperationalError
 
-from bridge.identity import IdentityResolver, IdRange
-from bridge.sessions import Session
 from istasks.app import create_app, master_secret
 from istasks.core.params import MIN_XSIZE
 from istasks.core.readers import open_reader
 from istasks.errors import IsError, WorkerUnavailable
-from istasks.prefetch_progress import ProgressBar, Tally
 from istasks.prefetch_task import (
     DONE,
     ERROR,
@@ -50,7 +47,9 @@ from istasks.prefetch_task import (
     prefetch_job,
 )
 from istasks.settings import Settings
+from ops.prefetch_progress import ProgressBar, Tally
 from queues.envelope import seal
+from queues.identity import IdentityResolver, IdRange
 from queues.naming import Identity
 from queues.pool import SupervisorClient
 
@@ -190,7 +189,7 @@ def plan(target: Path, frames: FrameRange | None) -> Plan:
 
 
 def resolve_identity(settings: Settings, esaf: int, user: str | None = None) -> Identity:
-    """The identity prefetch runs as, by the bridge's own NSS rules (bridge.identity):
+    """The identity prefetch runs as, by the bridge's own NSS rules (queues.identity):
     without ``user`` the ESAF account ``e<esaf>`` (policy "esaf"); with ``user`` that
     account's uid and its primary gid, or the ESAF's gid above 40000 (policy "user").
     The cache is shared per gid, so either warms what the ESAF's users will view."""
@@ -201,7 +200,7 @@ def resolve_identity(settings: Settings, esaf: int, user: str | None = None) -> 
         uids=IdRange(settings.uid_min, settings.uid_max),
         gids=IdRange(settings.gid_min, settings.gid_max),
     )
-    return resolver.resolve(Session(pid=None, user=user, allowed_esafs=frozenset({esaf})), esaf)
+    return resolver.resolve(user, esaf)
 
 
 class Sender:

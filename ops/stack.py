@@ -29,8 +29,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from istasks.redisserver import RedisProcess, free_port, start_redis
 from istasks.settings import Settings
+from ops.redisserver import RedisProcess, free_port, start_redis
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ class Stack:
                 # Dev stack: no credentials configured means a loopback, read-only Flower.
                 args = "[]" if settings.flower_basic_auth else "['--unauthenticated']"
                 stack._spawn(
-                    "flower", f"from istasks.flower import main; raise SystemExit(main({args}))"
+                    "flower", f"from ops.flower import main; raise SystemExit(main({args}))"
                 )
         except BaseException:
             stack.stop()
@@ -165,7 +165,7 @@ class Stack:
     def _session_public_key(self) -> Path:
         """The key the bridge verifies sessions with: the user's, else the dev key pair's
         (generated in ``run_dir``); sets :attr:`signing_key`."""
-        from bridge.devsession import PRIVATE_KEY_NAME, ensure_keypair, matching_private_key
+        from ops.devsession import PRIVATE_KEY_NAME, ensure_keypair, matching_private_key
 
         given = self.settings.session_public_key
         if given is None:
@@ -207,7 +207,7 @@ class Stack:
             time.sleep(0.05)
 
     def _wait_for_bridge(self, timeout_s: float = 30.0) -> None:
-        from bridge.client import request
+        from ops.client import request
 
         if not self.endpoint:  # connected to the user's is_proxy: nothing to send to
             self._wait_for_log("bridge", BRIDGE_SERVING, timeout_s)
@@ -299,7 +299,7 @@ class Stack:
         """
         import redis
 
-        from bridge.devsession import isauth_for, sign_isauth, write_session
+        from ops.devsession import isauth_for, sign_isauth, write_session
 
         if self.signing_key is None:
             raise StackConfigError(

@@ -13,7 +13,7 @@ import numpy as np
 import numpy.typing as npt
 from fabio.cbfimage import CbfImage
 
-from istasks.testdata.pattern import diffraction_pattern
+from ops.testdata.pattern import diffraction_pattern
 
 PILATUS_6M_SHAPE = (2527, 2463)
 MODULE_ROWS, MODULE_COLS = 195, 487

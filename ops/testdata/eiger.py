@@ -19,7 +19,7 @@ import hdf5plugin
 import numpy as np
 import numpy.typing as npt
 
-from istasks.testdata.eiger_master import MasterSpec, write_master
+from ops.testdata.eiger_master import MasterSpec, write_master
 
 #: Eiger2 X 16M frame (rows, cols): 8 x 4 modules of 512 x 1028 with 38-row, 12-col gaps.
 EIGER2_16M_SHAPE = (4362, 4148)
