@@ -94,6 +94,14 @@ class Settings:
     metrics_port: int | None = None
     metrics_address: str = "127.0.0.1"
     flower_port: int = 5555
+    # HTTP gateway (``is-gateway``, bridge.gateway): browsers and scripts. Port 0 in
+    # ``isctl up`` means any free port; the gateway itself needs a real one.
+    gateway_port: int = 8090
+    gateway_address: str = "127.0.0.1"
+    # Requests one session may have in flight at the gateway; more get 429.
+    gateway_session_in_flight: int = 16
+    # Mark the session cookie Secure (set when the gateway is served over HTTPS).
+    gateway_secure_cookie: bool = False
     flower_basic_auth: str | None = None
     # Celery task events (Flower's task views). Off, as in Celery: Flower turns them on
     # in every worker while it runs.
