@@ -247,8 +247,8 @@ class Gateway:
         """A frame's detector metadata with its spot count and ring statistics (the
         ``spots`` request of the wire protocol)."""
         esaf = _esaf(request)
-        fields = parse_query(_single(request), self._frame_fields)
         pid, identity = await self._admit(request, esaf)
+        fields = parse_query(_single(request), self._frame_fields)
         frames = await self._call(
             pid, identity, "spots", {"type": "spots", "pid": pid, "esaf": esaf, **fields}
         )
@@ -261,8 +261,8 @@ class Gateway:
     async def _jpeg(self, request: Request) -> tuple[bytes, dict[str, Any], Any, list[bytes]]:
         """(JPEG, echoed job, meta, reply) of the view the query names; Problem otherwise."""
         esaf = _esaf(request)
-        fields = parse_query(_single(request), self._view_fields)
         pid, identity = await self._admit(request, esaf)
+        fields = parse_query(_single(request), self._view_fields)
         job = {"type": "jpeg", "pid": pid, "esaf": esaf, **fields}
         frames = await self._call(pid, identity, "jpeg", job)
         if frames[0]:
@@ -280,8 +280,8 @@ class Gateway:
     async def index_start(self, request: Request) -> Response:
         """Start an indexing run; its progress and result at the ``events`` URL (SSE)."""
         esaf = _esaf(request)
-        fields = parse_index_body(await _json_body(request))
         pid, identity = await self._admit(request, esaf)
+        fields = parse_index_body(await _json_body(request))
         run = self._runs.new(pid, esaf)
         pubsub = await self._runs.subscribe(run)
         job = {

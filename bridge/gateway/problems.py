@@ -74,10 +74,10 @@ def error_status(frames: list[bytes]) -> int:
         return 503
     if outcome == "refused":
         return 403
-    text = frames[0].decode("utf-8", "replace")
-    if text.startswith("Missing data for job"):  # spots: no such file or frame
+    text = frames[0].decode("utf-8", "replace")  # "<origin>: <message>"
+    if "Missing data for job" in text:  # spots: no such file or frame (or not readable)
         return 404
-    if text.startswith(("Missing filename", "Missing fn1")):
+    if "Missing filename" in text or "Missing fn1" in text:
         return 422
     return 502
 
