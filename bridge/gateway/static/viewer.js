@@ -42,7 +42,7 @@ async function signIn(pid) {
 async function showSession() {
   try {
     const who = await (await api(`${API}/session`)).json();
-    $("who").textContent = `${who.user} (ESAFs: ${[0, ...who.esafs].join(", ")})`;
+    $("who").textContent = `${who.user} (ESAFs: ${[...new Set([0, ...who.esafs])].join(", ")})`;
     $("signin").hidden = true; $("signout").hidden = false;
     return true;
   } catch (e) {
