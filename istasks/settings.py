@@ -59,6 +59,10 @@ class Settings:
     lru_max_bytes: int = 512 * 1024 * 1024
     # Rendered jpeg replies kept per worker: a repeated identical view skips contrast+encode.
     jpeg_lru_max_bytes: int = 64 * 1024 * 1024
+    # Decoded frames kept per worker, so that the tiles of the frame on screen (zoom, pan)
+    # are reduced without decoding it again: room for two Eiger2 16M uint32 frames
+    # (4148 x 4362 x 4 B = 72.4 MB each). 0: off.
+    frame_lru_max_bytes: int = 160 * 1024 * 1024
     max_xsize: int = 10000
     spot_sensitivity: float = 1.5
     # Our edge fold (istasks.core.reduce): off gives the original's picture to the pixel;
