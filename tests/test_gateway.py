@@ -443,3 +443,13 @@ def gateway_close(gateway: Gateway) -> None:
     """Release what :func:`_gateway` opened."""
     gateway._dispatcher.close()
     gateway._sessions.close()
+
+
+def test_is_gateway_refuses_to_start_without_a_session_key(
+    capsys: pytest.CaptureFixture[str], redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bridge.gateway.main import main
+
+    monkeypatch.setenv("IS_REDIS_URL", redis_url)
+    assert main(["--port", str(free_port())]) == 2
+    assert "IS_SESSION_PUBLIC_KEY" in capsys.readouterr().err
