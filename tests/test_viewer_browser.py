@@ -64,11 +64,30 @@ def browser() -> Iterator[Any]:
             launched.close()
 
 
-def _resolution(meta: dict[str, Any], x: float, y: float) -> float:
-    """d (A) at screen point (x, y) of the zoom-1 view, from the frame's geometry: output
-    pixel i samples detector pixel i * width / xsize (istasks.core.reduce.sample_points)."""
-    dx = x / S * meta["x_pixels_in_detector"]
-    dy = y / S * meta["y_pixels_in_detector"]
+def _hover(
+    page: Any, box: dict[str, float], x: float, y: float
+) -> tuple[str, tuple[float, float], tuple[float, float]]:
+    """Move the mouse to (x, y) of the view; the resolution shown, and where the page saw
+    the pointer and its pan (the layout has fractional offsets: the browser rounds)."""
+    page.mouse.move(box["x"] + x, box["y"] + y)
+    cursor, pan = page.evaluate("[state.cursor, [state.panX, state.panY]]")
+    return page.text_content("#res") or "", tuple(cursor), tuple(pan)
+
+
+def _resolution(
+    meta: dict[str, Any], x: float, y: float, zoom: int = 1, pan: tuple[float, float] = (0, 0)
+) -> float:
+    """d (A) at screen point (x, y) from the frame's geometry. The tile under the point is
+    the view zoom, segcol=c, segrow=r: window origin trunc(w * c) with w = trunc(width /
+    zoom), output pixel i sampling i * w / xsize + origin (istasks.core.reduce)."""
+
+    def detector(pos: float, offset: float, size: int) -> float:
+        tile = min(int((pos + offset) // S), zoom - 1)
+        window = math.trunc(size / zoom)
+        return math.trunc(window * tile) + (pos + offset - tile * S) * window / S
+
+    dx = detector(x, pan[0], meta["x_pixels_in_detector"])
+    dy = detector(y, pan[1], meta["y_pixels_in_detector"])
     r = math.hypot(
         (dx - meta["beam_center_x"]) * meta["x_pixel_size"],
         (dy - meta["beam_center_y"]) * meta["y_pixel_size"],
@@ -127,10 +146,9 @@ def test_viewer_in_chromium(stack: Stack, data_dir: Path, browser: Any, tmp_path
     ).json()["meta"]
     box = page.locator("#view").bounding_box()
     for x, y in ((420, 150), (40, 600), (330, 300)):
-        page.mouse.move(box["x"] + x, box["y"] + y)
-        shown = page.text_content("#res") or ""
+        shown, (cx, cy), _ = _hover(page, box, x, y)
         assert shown.endswith(" Å"), shown
-        assert abs(float(shown.split()[0]) - _resolution(meta, x, y)) <= 0.01, (x, y, shown)
+        assert abs(float(shown.split()[0]) - _resolution(meta, cx, cy)) <= 0.01, (x, y, shown)
 
     # Frame 2 by the arrow key: a new picture.
     before = _checksum(page, '#tiles img[data-frame="1"]')
@@ -148,6 +166,13 @@ def test_viewer_in_chromium(stack: Stack, data_dir: Path, browser: Any, tmp_path
     assert "segcol=" in tile.value.url and tile.value.headers["content-type"] == "image/jpeg"
     page.wait_for_selector('#tiles img[data-loaded="1"][data-zoom="2"]', timeout=30_000)
     assert page.text_content("#zoom-num") == "2"
+    # Zoomed in about the centre (pan 320 px): the resolution still matches the geometry,
+    # through the tile under the cursor (tile 0 and tile 1 have their own window origin).
+    for x, y in ((100, 500), (600, 50)):
+        shown, (cx, cy), (pan_x, pan_y) = _hover(page, box, x, y)
+        assert abs(pan_x - 320) <= 1 and abs(pan_y - 320) <= 1
+        expected = _resolution(meta, cx, cy, zoom=2, pan=(pan_x, pan_y))
+        assert abs(float(shown.split()[0]) - expected) <= 0.01, (x, y, shown, expected)
 
     # Contrast: move the white slider; tiles come back with that level.
     page.eval_on_selector(

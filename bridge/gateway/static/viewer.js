@@ -13,7 +13,7 @@ const $ = (id) => document.getElementById(id);
 const state = {
   fn: "", esaf: 0, frame: 1, last: 1, zoom: 1, panX: 0, panY: 0,
   wval: null, contrast: null, // null: automatic levels
-  meta: null, playing: null, generation: 0, wanted: new Set(),
+  meta: null, playing: null, generation: 0, wanted: new Set(), cursor: null,
 };
 
 function status(text) { $("status").textContent = text || ""; }
@@ -205,11 +205,24 @@ function geometry() {
   return Object.values(g).every((v) => Number.isFinite(v) && v > 0) ? g : null;
 }
 
-// Screen (CSS px in #view) -> detector pixel: the reduction samples output pixel i at
-// i * window / xsize + origin, so the virtual picture maps linearly onto the detector.
+// Tile (c, r) at zoom z is the view zoom=z, segcol=c, segrow=r: its window starts at
+// trunc(w * c), trunc(h * r) with w = trunc(width / z), h = trunc(height / z) detector
+// pixels, and output pixel i samples i * w / S + origin (istasks.core.reduce). Each tile
+// gets its own mapping, so geometry stays exact on zoomed tiles.
+function tileFrame(c, r, g) {
+  const z = state.zoom;
+  const w = z === 1 ? g.width : Math.trunc(g.width / z), h = z === 1 ? g.height : Math.trunc(g.height / z);
+  return { left: c * S - state.panX, top: r * S - state.panY, x0: Math.trunc(w * c),
+    y0: Math.trunc(h * r), sx: w / S, sy: h / S };
+}
+
+// Screen (CSS px in #view) -> detector pixel, through the tile under the point.
 function toDetector(x, y, g) {
-  const span = S * state.zoom;
-  return [((x + state.panX) / span) * g.width, ((y + state.panY) / span) * g.height];
+  const last = state.zoom - 1;
+  const c = Math.min(Math.max(Math.floor((x + state.panX) / S), 0), last);
+  const r = Math.min(Math.max(Math.floor((y + state.panY) / S), 0), last);
+  const t = tileFrame(c, r, g);
+  return [t.x0 + (x - t.left) * t.sx, t.y0 + (y - t.top) * t.sy];
 }
 
 function resolutionAt(dx, dy, g) {
@@ -224,17 +237,26 @@ function drawOverlay() {
   ctx.clearRect(0, 0, canvas.width, canvas.height);
   const g = geometry();
   if (!g || !$("rings").checked) return;
-  const span = S * state.zoom;
-  const cx = (g.bx / g.width) * span - state.panX, cy = (g.by / g.height) * span - state.panY;
   ctx.strokeStyle = "rgba(80, 200, 255, 0.8)"; ctx.fillStyle = "rgba(80, 200, 255, 0.95)";
   ctx.font = "12px system-ui, sans-serif"; ctx.lineWidth = 1;
-  for (const d of RING_D) {
-    const s = g.wavelength / (2 * d);
-    if (s >= 1) continue;
-    const r = g.distance * Math.tan(2 * Math.asin(s)); // metres on the detector
-    const rx = ((r / g.px) / g.width) * span, ry = ((r / g.py) / g.height) * span;
-    ctx.beginPath(); ctx.ellipse(cx, cy, rx, ry, 0, 0, 2 * Math.PI); ctx.stroke();
-    ctx.fillText(`${d} Å`, cx + rx * 0.7071 + 3, cy - ry * 0.7071 - 3);
+  const last = state.zoom - 1;
+  const first = (pan) => Math.min(Math.floor(pan / S), last);
+  for (let c = first(state.panX); c <= Math.min(last, Math.floor((state.panX + S - 1) / S)); c++) {
+    for (let r = first(state.panY); r <= Math.min(last, Math.floor((state.panY + S - 1) / S)); r++) {
+      const t = tileFrame(c, r, g);
+      ctx.save();
+      ctx.beginPath(); ctx.rect(t.left, t.top, S, S); ctx.clip();
+      const cx = t.left + (g.bx - t.x0) / t.sx, cy = t.top + (g.by - t.y0) / t.sy;
+      for (const d of RING_D) {
+        const s = g.wavelength / (2 * d);
+        if (s >= 1) continue;
+        const radius = g.distance * Math.tan(2 * Math.asin(s)); // metres on the detector
+        const rx = radius / g.px / t.sx, ry = radius / g.py / t.sy;
+        ctx.beginPath(); ctx.ellipse(cx, cy, rx, ry, 0, 0, 2 * Math.PI); ctx.stroke();
+        ctx.fillText(`${d} Å`, cx + rx * 0.7071 + 3, cy - ry * 0.7071 - 3);
+      }
+      ctx.restore();
+    }
   }
 }
 
@@ -260,6 +282,7 @@ function zoomAt(factor, x, y) {
 function onPointerMove(event) {
   const rect = $("view").getBoundingClientRect();
   const x = event.clientX - rect.left, y = event.clientY - rect.top;
+  state.cursor = [x, y];
   const g = geometry();
   if (!g) { $("res").textContent = "–"; return; }
   const [dx, dy] = toDetector(x, y, g);
