@@ -27,7 +27,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio.to_thread
 import redis
@@ -61,6 +61,7 @@ from queues.identity import IdentityResolver
 from queues.naming import Identity
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 API = "/api/v1"
 COOKIE = "is_session"
@@ -315,21 +316,25 @@ class Gateway:
     # -- the request path -------------------------------------------------------------
 
     async def _admit(self, request: Request, esaf: int) -> tuple[str, Identity]:
-        """The request's pid and identity for ``esaf``, or 401/403/503."""
+        """The request's pid and identity for ``esaf``, or 401/403/503 (one trip to a
+        thread for both: the session's Redis and NSS may block)."""
         pid = _pid(request)
-        session = await self._verify(pid, esaf)
 
-        def resolve() -> Identity:
+        def admit() -> Identity:
+            session = self._sessions.verify(pid, esaf)
             return self._identities.resolve(session.user, esaf)
 
-        try:
-            return pid, await anyio.to_thread.run_sync(resolve)
-        except IdentityError as exc:
-            raise Problem(403, str(exc)) from None
+        return pid, await self._refusals(pid, admit)
 
     async def _verify(self, pid: str, esaf: int) -> Session:
+        return await self._refusals(pid, lambda: self._sessions.verify(pid, esaf))
+
+    async def _refusals(self, pid: str, check: Callable[[], T]) -> T:
+        """``check()`` in a thread, its refusals as problems."""
         try:
-            return await anyio.to_thread.run_sync(self._sessions.verify, pid, esaf)
+            return await anyio.to_thread.run_sync(check)
+        except IdentityError as exc:
+            raise Problem(403, str(exc)) from None
         except SessionStoreUnavailable as exc:
             raise Problem(503, str(exc), headers={"Retry-After": "2"}) from None
         except AuthError as exc:
