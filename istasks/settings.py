@@ -74,6 +74,9 @@ class Settings:
     # cache); each run keeps this many tasks in flight, i.e. worker threads busy.
     prefetch_max_age_s: float = 3600.0
     prefetch_window: int = 1
+    # ``--watch DIR`` looks this many directories below DIR (beamlines nest each
+    # dataset as ESAF/user/sample/...): bounded, so a stray deep tree costs nothing.
+    prefetch_watch_depth: int = 6
 
     # Workers and identities (supervisor).
     worker_idle_s: float = 600.0

@@ -263,7 +263,7 @@ def test_watch_command(settings: Settings, identity: Identity, tmp_path: Path) -
     stop, err = threading.Event(), io.StringIO()
     stop.set()  # lists the directory once and stops, as after Ctrl-C
     assert prefetch_watch.command(settings, identity, Options(), tmp_path, stop=stop, err=err) == 0
-    assert f"watching {tmp_path} for {identity.prefetch_queue}" in err.getvalue()
+    assert f"watching {tmp_path} (6 levels deep) for {identity.prefetch_queue}" in err.getvalue()
     assert "prefetch: 0/0 frames done, 0 errors" in err.getvalue()
 
 
