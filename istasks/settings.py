@@ -98,8 +98,10 @@ class Settings:
     metrics_address: str = "127.0.0.1"
     flower_port: int = 5555
     flower_basic_auth: str | None = None
-    # Celery task events (Flower's task views). Off, as in Celery: Flower turns them on
-    # in every worker while it runs.
+    # Celery task events (Flower's task views) from a worker's first task. Off, as in
+    # Celery, where nobody listens; on where Flower runs (ops/is.env, compose, ``isctl
+    # up --flower``): Flower's own enable-events broadcast reaches a new worker only
+    # after up to 5 s, and a user's first views are exactly those seconds.
     task_events: bool = False
 
     extra: Mapping[str, str] = field(default_factory=dict)
