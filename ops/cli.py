@@ -264,6 +264,7 @@ def _cmd_prefetch(args: argparse.Namespace) -> int:
             Path(args.watch),
             interval_s=args.interval,
             give_up_s=args.give_up,
+            depth=args.depth,
         )
     target = Path(args.target)
     return prefetch.command(settings, identity, options, target, wait=not args.no_wait)
@@ -350,6 +351,12 @@ def _add_prefetch(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--watch", default=None, metavar="DIR", help="prefetch new datasets in DIR")
     p.add_argument("--interval", type=float, default=2.0, help="--watch poll interval, seconds")
     p.add_argument("--give-up", type=float, default=600.0, help="--watch: give up after s idle")
+    p.add_argument(
+        "--depth",
+        type=int,
+        default=None,
+        help="--watch: directory levels (IS_PREFETCH_WATCH_DEPTH)",
+    )
     p.add_argument("--window", type=int, default=None, help="tasks in flight (IS_PREFETCH_WINDOW)")
     p.add_argument("--timeout", type=float, default=120.0, help="longest wait for one frame, s")
     p.set_defaults(handler=_cmd_prefetch)
