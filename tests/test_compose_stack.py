@@ -333,6 +333,18 @@ def test_golden_replay_and_worker_identity(
     assert not others, [(p, _status(p)["Uid"]) for p in others]
 
 
+def test_runtime_image_is_small_and_has_no_compiler(deployment: Deployment) -> None:
+    image = deployment.container("bridge")["Config"]["Image"]
+    found = _docker(
+        "run", "--rm", "--entrypoint", "sh", image, "-c", "command -v cc gcc c++ make || true"
+    )
+    assert found.strip() == "", f"build tools in the runtime image: {found}"
+    for name in (image, BASE_IMAGE, REDIS_IMAGE):
+        size = int(_docker("image", "inspect", "--format", "{{.Size}}", name))
+        print(f"image {name}: {size / 1e6:.0f} MB")
+    assert int(_docker("image", "inspect", "--format", "{{.Size}}", image)) < 500e6
+
+
 def test_teardown_leaves_nothing(deployment: Deployment) -> None:
     """Runs last (file order): the services' logs are clean, then down leaves no container,
     network or volume of the project."""
