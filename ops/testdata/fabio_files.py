@@ -91,7 +91,7 @@ def write_bruker100(path: Path, pixels: npt.NDArray[Any]) -> Path:
     from fabio.bruker100image import Bruker100Image
 
     g = GEOMETRY
-    per_cm = 0.01 / g["pixel_size"] * max(pixels.shape) / 512
+    per_cm = 0.01 / g["pixel_size"] * 512 / max(pixels.shape)  # stated for 512 x 512
     header = {
         "WAVELEN": f"{g['wavelength']} {g['wavelength']} {g['wavelength']}",
         "DISTANC": f"{g['detector_distance'] * 100} {g['detector_distance'] * 100}",

@@ -199,12 +199,15 @@ def fabio_format(head: bytes) -> str | None:
     """fabio's format name for a file starting with ``head``, or None.
 
     Uses fabio's magic table (``fabio.openimage.MAGIC_NUMBERS``) in its order, first
-    match wins, like ``fabio.open`` without its file-name fallbacks. fabio is imported
+    match wins, like ``fabio.open`` without its file-name fallbacks and without GE's
+    all-zero entry (a zero-filled file is no image). fabio is imported
     on first use: most files are matched by the checks before this one.
     """
     from fabio.openimage import MAGIC_NUMBERS
 
     for magic, name in MAGIC_NUMBERS:
+        if not magic.strip(b"\0"):
+            continue  # GE's "blanked header" entry: ten zero bytes say nothing of a file
         if head.startswith(magic):
             return None if name in FABIO_EXCLUDED else str(name)
     return None

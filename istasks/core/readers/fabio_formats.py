@@ -211,7 +211,8 @@ def to_unsigned(
     top = _TOP[depth]
     if values.dtype.kind == "f":
         bad = ~np.isfinite(values) | (values < 0)
-        values = np.where(bad, 0, np.rint(np.minimum(values, top)))
+        # float64: float32 rounds 0xFFFFFFFF up to 2**32, which uint32 cannot hold.
+        values = np.where(bad, 0.0, np.rint(np.minimum(values.astype(np.float64), top)))
         pixels = values.astype(np.uint32)
         mask = PixelMask(bad) if bad.any() else None
     else:
