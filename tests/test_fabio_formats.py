@@ -7,6 +7,7 @@ MarCCD names and units, and bad input refused with a clear error.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from contextlib import closing
 from pathlib import Path
@@ -224,15 +225,12 @@ def test_lookalikes_and_truncated_files_are_refused_clearly(tmp_path: Path, cont
 def test_truncated_smv_pixels_are_refused(tmp_path: Path) -> None:
     path = write_smv(tmp_path / "x.img", pattern(SHAPE))
     path.write_bytes(path.read_bytes()[:-1000])
-    with pytest.raises(DataUnavailable):
-        with closing(open_reader(str(path))) as reader:
-            reader.read_frame(1)
+    with pytest.raises(DataUnavailable), closing(open_reader(str(path))) as reader:
+        reader.read_frame(1)
 
 
 def test_fifo_never_reaches_fabio(tmp_path: Path) -> None:
     fifo = tmp_path / "x.img"
-    import os
-
     os.mkfifo(fifo)
     with pytest.raises(DataUnavailable, match="FIFO"):
         FabioReader(str(fifo))

@@ -149,9 +149,8 @@ def test_tiled_vds_is_read_through_hdf5_after_checking_its_files(tmp_path: Path)
         assert reader.frame_count == 4
         np.testing.assert_array_equal(reader.read_frame(3).pixels, _expected(3))
     (tmp_path / "bottom.h5").unlink()
-    with closing(open_reader(str(master))) as reader:
-        with pytest.raises(FrameNotFound, match=r"bottom\.h5"):
-            reader.read_frame(3)
+    with closing(open_reader(str(master))) as reader, pytest.raises(FrameNotFound, match="bottom"):
+        reader.read_frame(3)
 
 
 def test_plain_data_beside_links_is_not_counted_twice(tmp_path: Path) -> None:
