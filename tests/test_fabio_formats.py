@@ -139,7 +139,8 @@ def test_extension_is_never_consulted(tmp_path: Path) -> None:
 
 def test_float_edf_negatives_and_nan_are_masked(tmp_path: Path) -> None:
     values = pattern(SHAPE).astype(np.float32) + 0.4
-    values[0, 0], values[1, 1], values[2, 2] = -1.0, np.nan, np.inf
+    values[0, 0], values[1, 1], values[2, 2] = -1.0, np.nan, -np.inf
+    values[4, 4] = np.inf
     values[3, 3] = 1e12  # beyond uint32: saturated
     path = write_edf(tmp_path / "x.edf", [values])
     with closing(open_reader(str(path))) as reader:
@@ -149,7 +150,7 @@ def test_float_edf_negatives_and_nan_are_masked(tmp_path: Path) -> None:
     assert frame.mask is not None
     assert set(zip(*np.nonzero(frame.mask.bad), strict=True)) == {(0, 0), (1, 1), (2, 2)}
     assert frame.pixels[0, 0] == frame.pixels[1, 1] == frame.pixels[2, 2] == 0
-    assert frame.pixels[3, 3] == 0xFFFFFFFF
+    assert frame.pixels[3, 3] == frame.pixels[4, 4] == 0xFFFFFFFF
     assert frame.pixels[50, 60] == round(float(values[50, 60]))
 
 

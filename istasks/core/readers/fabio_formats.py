@@ -7,9 +7,10 @@ are matched before this module is consulted, and JPEG/JPEG 2000 are refused (pic
 not detector frames).
 
 Pixels reach the core as uint16 (8/16-bit samples) or uint32 (wider integers, floats):
-negative values (the writers' gap/bad-pixel flags), NaN and infinities become masked
-zeros; values above the unsigned range, and values at or above a saturation the header
-declares (SMV ``SATURATED_VALUE``), become the saturation marker 0xFFFF / 0xFFFFFFFF.
+negative values (the writers' gap/bad-pixel flags), NaN and -inf become masked zeros;
+floats are rounded; values above the unsigned range (+inf too), and values at or above
+a saturation the header declares (SMV ``SATURATED_VALUE``), become the saturation
+marker 0xFFFF / 0xFFFFFFFF.
 
 Metadata use the Eiger/MarCCD JSON names and units: ``wavelength`` in Angstrom,
 ``detector_distance``, ``x_pixel_size`` and ``y_pixel_size`` in metres, ``beam_center_x``
@@ -210,11 +211,7 @@ def to_unsigned(
     """
     top = _TOP[depth]
     if values.dtype.kind == "f":
-        bad = ~np.isfinite(values) | (values < 0)
-        # float64: float32 rounds 0xFFFFFFFF up to 2**32, which uint32 cannot hold.
-        values = np.where(bad, 0.0, np.rint(np.minimum(values.astype(np.float64), top)))
-        pixels = values.astype(np.uint32)
-        mask = PixelMask(bad) if bad.any() else None
+        pixels, mask = _float_to_unsigned(values, top)
     else:
         if values.dtype.kind == "b":
             values = values.astype(np.uint16)
@@ -224,6 +221,22 @@ def to_unsigned(
     if saturation is not None and 0 < saturation < top:
         pixels[pixels >= saturation] = top
     return pixels, mask
+
+
+def _float_to_unsigned(
+    values: npt.NDArray[np.floating[Any]], top: int
+) -> tuple[npt.NDArray[np.unsignedinteger[Any]], PixelMask | None]:
+    """Rounded floats as uint32: negatives, NaN and -inf masked (0), values from ``top``
+    on (+inf included) saturated. In place where possible: few passes over 16M pixels."""
+    bad = ~(values >= 0)  # NaN compares False: one pass finds negatives and NaN
+    big = values >= top
+    if not values.flags.writeable:
+        values = values.copy()
+    np.rint(values, out=values)
+    values[bad | big] = 0
+    pixels = values.astype(np.uint32)
+    pixels[big] = top
+    return pixels, PixelMask(bad) if bad.any() else None
 
 
 class FabioReader:
