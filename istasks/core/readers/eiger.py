@@ -6,6 +6,10 @@ The master's ``/entry/data/data_NNNNNN`` entries are external links to each data
 the attributes are absent (dxtbx). Unlike the original (spec 8 item 17), a missing data
 file hides only its own frames, data files that appear later are found on the next miss,
 and a file without a pixel mask is shown unmasked.
+
+NXmx masters (Diamond's nexgen, mx-bluesky) are read here too: a virtual
+``/entry/data/data`` defines the frames (:mod:`istasks.core.readers.nxmx_vds`), and signed
+pixels (int32/int16) have their negative gap/bad flags masked and zeroed.
 """
 
 from __future__ import annotations
