@@ -52,7 +52,7 @@ def test_smv_view_and_spots(service: Service, tmp_path: Path) -> None:
 
 def test_nxmx_view_through_the_vds(service: Service, tmp_path: Path) -> None:
     master = write_nxmx(tmp_path, frames=3, shape=SHAPE)
-    echo, meta, jpeg = service.jpeg({"type": "jpeg", "fn": str(master), "frame": 3, "xsize": 64})
+    _, meta, jpeg = service.jpeg({"type": "jpeg", "fn": str(master), "frame": 3, "xsize": 64})
     info = json.loads(meta)
     assert (info["frame"], info["last_frame"]) == (3, 3)
     assert info["max"] > 0
