@@ -242,3 +242,29 @@ def test_to_unsigned_clips_wide_integers() -> None:
     pixels, mask = to_unsigned(values, 4, None)
     assert pixels.tolist() == [[0, 0, 0xFFFFFFFF]]
     assert mask is not None and mask.bad.tolist() == [[True, False, False]]
+
+
+def _edf_header(dim: int, size: int) -> bytes:
+    text = (
+        f"{{\nEDF_DataBlockID = 0.Image.Psd ;\nEDF_BinarySize = {size} ;\n"
+        f"EDF_HeaderSize = 512 ;\nByteOrder = LowByteFirst ;\nDataType = UnsignedShort ;\n"
+        f"Dim_1 = {dim} ;\nDim_2 = {dim} ;\nSize = {size} ;\n}}\n"
+    )
+    return text.encode().ljust(1024, b"\0")
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        (_edf_header(200_000, 80_000_000_000), "exceeds the limit"),
+        (b"{\nHEADER_BYTES=  512;\nDIM=2;\nSIZE1=200000;\nSIZE2=200000;\n}".ljust(1024), "limit"),
+    ],
+    ids=["edf", "smv"],
+)
+def test_headers_claiming_huge_frames_are_refused_before_allocating(
+    tmp_path: Path, content: bytes, match: str
+) -> None:
+    path = tmp_path / "x.img"
+    path.write_bytes(content)
+    with pytest.raises(DataUnavailable, match=match):
+        open_reader(str(path))

@@ -61,6 +61,8 @@ log = logging.getLogger(__name__)
 _CLASS_BY_FORMAT = {"dtrek": "DtrekImage"}
 _TOP = {2: 0xFFFF, 4: 0xFFFFFFFF}
 _NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
+#: Header (rows, columns) keys of the formats whose reader allocates what they say.
+_SIZE_KEYS = (("SIZE2", "SIZE1"), ("Dim_2", "Dim_1"), ("NROWS", "NCOLS"), ("NY", "NX"))
 #: Bruker PIXPERCM is given for a 512 x 512 frame.
 _BRUKER_NOMINAL_SIZE = 512
 HC_EV_ANGSTROM = 12398.4193
@@ -255,7 +257,12 @@ class FabioReader:
         if not self.format:
             raise UnknownFormat(f"no supported detector format in {path!r}")
         self._image = self._open()
-        data = self._image.data
+        try:
+            data = self._image.data  # EDF decodes here, on first access
+        except MemoryError as exc:
+            raise DataUnavailable(f"{path}: {self.format} data too large to read") from exc
+        except Exception as exc:  # third-party decoder: corrupt or truncated data
+            raise DataUnavailable(f"{path}: {self.format} pixels unreadable ({exc})") from exc
         if data is None or data.ndim != 2:
             shape = None if data is None else data.shape
             raise DataUnavailable(f"{path}: {self.format} image of shape {shape} is not 2-D")
@@ -286,8 +293,15 @@ class FabioReader:
 
         class_name = _CLASS_BY_FORMAT.get(self.format, self.format + "image")
         try:
+            header_only = fabioformats.factory(class_name)
+            header_only.readheader(self.path)
+            self._check_declared_size(header_only)
             image = fabioformats.factory(class_name)
             return image.read(self.path)
+        except DataUnavailable:
+            raise
+        except MemoryError as exc:  # a header claiming gigabytes fabio tried to allocate
+            raise DataUnavailable(f"{self.path}: {self.format} data too large to read") from exc
         except Exception as exc:  # third-party parser: any failure is unreadable content
             # Only a magic number matched (some are two bytes: "No", "OD", "{"): a file
             # fabio cannot parse is not that format as far as anyone can tell.
@@ -295,6 +309,19 @@ class FabioReader:
                 f"no supported detector format in {self.path!r} (starts like fabio's "
                 f"{self.format!r}, which cannot read it: {exc})"
             ) from exc
+
+    def _check_declared_size(self, image: Any) -> None:
+        """DataUnavailable when the header declares a frame over MAX_FRAME_PIXELS.
+
+        Checked on the header alone, before fabio allocates what the header claims (EDF
+        reads its declared size in one go; MAR345 and Bruker allocate rows x columns).
+        """
+        header = image.header
+        shapes = [getattr(image, "shape", None)]
+        shapes += [(_first(header, rows), _first(header, cols)) for rows, cols in _SIZE_KEYS]
+        for shape in shapes:
+            if shape and len(shape) == 2 and None not in shape:
+                check_frame_size(int(shape[0]), int(shape[1]), self.path)
 
     @property
     def frame_count(self) -> int:
@@ -328,6 +355,8 @@ class FabioReader:
                 values = np.asarray(image.data)
             except DataUnavailable:
                 raise
+            except MemoryError as exc:
+                raise DataUnavailable(f"{self.path}: frame {frame} too large to read") from exc
             except Exception as exc:  # third-party decoder: corrupt or vanished data
                 raise DataUnavailable(f"{self.path}: frame {frame} unreadable ({exc})") from exc
         expected = (self._meta["y_pixels_in_detector"], self._meta["x_pixels_in_detector"])
