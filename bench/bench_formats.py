@@ -1,7 +1,8 @@
 """The formats of issue 18 at 16M pixels: read+decode, and end to end to a 1024 px JPEG.
 
 One file of each new kind, written at run time by the real tools: SMV (fabio's ADSC
-writer, uint16), MAR345 (pck), Bruker v100, EDF (float32) at 4096 x 4096, and an NXmx
+writer, uint16), MAR345 (pck), Bruker v100, EDF (float32), R-AXIS (written here in
+fabio's layout: fabio has no R-AXIS writer) at 4096 x 4096, and an NXmx
 master by nexgen with an int32 virtual dataset over a bslz4 data file at the Eiger2 16M
 size (4362 x 4148, -1 in the gaps). "read" is open + read_frame + close, as a worker's
 cache miss does; "end to end" adds the reduction to 1024 px, statistics, contrast and
@@ -22,7 +23,14 @@ import numpy as np
 from istasks.core.params import ContrastParams, LabelParams, ViewParams
 from istasks.core.readers import open_reader
 from istasks.core.view import reduce_frame, render_jpeg
-from ops.testdata.fabio_files import pattern, write_bruker100, write_edf, write_mar345, write_smv
+from ops.testdata.fabio_files import (
+    pattern,
+    write_bruker100,
+    write_edf,
+    write_mar345,
+    write_raxis,
+    write_smv,
+)
 from ops.testdata.nxmx import write_nxmx
 
 SIDE = 4096
@@ -64,6 +72,7 @@ def _files(tmp: Path) -> dict[str, Path]:
         "SMV/ADSC 4096x4096 uint16": write_smv(tmp / "x.img", np.minimum(counts, 50000)),
         "MAR345 4096x4096 pck": write_mar345(tmp / "x.mar4096", counts),
         "Bruker v100 4096x4096": write_bruker100(tmp / "x.sfrm", counts),
+        "R-AXIS 4096x4096 (hand-written)": write_raxis(tmp / "x.osc", np.minimum(counts, 30000)),
         "EDF 4096x4096 float32": write_edf(tmp / "x.edf", [counts.astype(np.float32)]),
         "NXmx VDS 4362x4148 int32 bslz4 (nexgen)": write_nxmx(
             tmp, "nx", frames=2, shape=EIGER2_16M, layout="both"

@@ -31,6 +31,7 @@ from ops.testdata.fabio_files import (
     write_bruker100,
     write_edf,
     write_mar345,
+    write_raxis,
     write_smv,
 )
 
@@ -62,6 +63,7 @@ def _geometry_meta(with_pixel: bool = True, with_rotation: bool = True) -> dict[
         (write_smv, "image.img", 2, "dtrek"),
         (write_mar345, "image.mar2300", 4, "mar345"),
         (write_bruker100, "image.sfrm", 4, "bruker100"),
+        (write_raxis, "image.osc", 2, "raxis"),
     ],
 )
 def test_meta_in_our_names_and_units(
@@ -105,6 +107,16 @@ def test_pixels_are_the_written_counts(tmp_path: Path, writer: Writer, name: str
     np.testing.assert_array_equal(frame.pixels, counts)
     assert frame.mask is None
     assert frame.meta["frame"] == 1
+
+
+def test_raxis_photomultiplier_encoding_is_decoded(tmp_path: Path) -> None:
+    counts = pattern(SHAPE, top=30000)
+    counts[4, 4:8] = [40000, 80000, 262136, 32768]  # top bit set: value * ratio (8)
+    path = write_raxis(tmp_path / "x.osc", counts)
+    with closing(open_reader(str(path))) as reader:
+        frame = reader.read_frame(1)
+    assert frame.pixels.dtype == np.uint32
+    np.testing.assert_array_equal(frame.pixels, counts)
 
 
 def test_smv_saturated_value_becomes_our_marker(tmp_path: Path) -> None:

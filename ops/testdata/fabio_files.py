@@ -116,3 +116,47 @@ def write_edf(path: Path, frames: list[npt.NDArray[Any]]) -> Path:
         image.append_frame(data=extra)
     image.write(str(path))
     return path
+
+
+def write_raxis(path: Path, pixels: npt.NDArray[Any], ratio: float = 8.0) -> Path:
+    """An R-AXIS image, written here (fabio has no R-AXIS writer) in the layout fabio's
+    ``raxisimage`` reads: the big-endian header of ``RIGAKU_KEYS`` padded to 2048 bytes,
+    then uint16 pixels in which a set top bit means ``(value & 0x7FFF) * ratio`` (the
+    "Photomultiplier Ratio"). Counts above 32767 must be multiples of ``ratio``.
+    """
+    import struct
+
+    from fabio.raxisimage import RIGAKU_KEYS
+
+    g = GEOMETRY
+    rows, cols = pixels.shape
+    values: dict[str, Any] = {
+        "InstrumentType": b"R-AXIS4",
+        "Wavelength": g["wavelength"],
+        "Crystal-to-detector Distance": g["detector_distance"] * 1e3,
+        "Phi Oscillation Start": g["startPhi"],
+        "Phi Oscillation Stop": g["startPhi"] + g["rotationRange"],
+        "Exposure Time": g["count_time"] / 60.0,
+        "Direct beam X position": g["beam_center_x"],
+        "Direct beam Y position": g["beam_center_y"],
+        "X Pixels": cols,
+        "Y Pixels": rows,
+        "X Pixel Length": g["pixel_size"] * 1e3,
+        "Y Pixel Length": g["pixel_size"] * 1e3,
+        "Photomultiplier Ratio": ratio,
+    }
+    header = bytearray()
+    for key, kind in RIGAKU_KEYS.items():
+        if kind == "float":
+            header += struct.pack(">f", float(values.get(key, 0.0)))
+        elif kind == "long":
+            header += struct.pack(">l", int(values.get(key, 0)))
+        elif isinstance(kind, int) and kind > 0:
+            header += bytes(values.get(key, b"")).ljust(kind, b"\0")[:kind]
+        else:
+            break
+    counts = np.asarray(pixels, dtype=np.int64)
+    high = counts > 0x7FFF
+    encoded = np.where(high, (counts // int(ratio)) | 0x8000, counts).astype(">u2")
+    path.write_bytes(bytes(header).ljust(2048, b"\0") + encoded.tobytes())
+    return path

@@ -62,7 +62,13 @@ _CLASS_BY_FORMAT = {"dtrek": "DtrekImage"}
 _TOP = {2: 0xFFFF, 4: 0xFFFFFFFF}
 _NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
 #: Header (rows, columns) keys of the formats whose reader allocates what they say.
-_SIZE_KEYS = (("SIZE2", "SIZE1"), ("Dim_2", "Dim_1"), ("NROWS", "NCOLS"), ("NY", "NX"))
+_SIZE_KEYS = (
+    ("SIZE2", "SIZE1"),
+    ("Dim_2", "Dim_1"),
+    ("NROWS", "NCOLS"),
+    ("NY", "NX"),
+    ("Y Pixels", "X Pixels"),
+)
 #: Bruker PIXPERCM is given for a 512 x 512 frame.
 _BRUKER_NOMINAL_SIZE = 512
 HC_EV_ANGSTROM = 12398.4193
