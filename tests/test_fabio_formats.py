@@ -60,10 +60,10 @@ def _geometry_meta(with_pixel: bool = True, with_rotation: bool = True) -> dict[
 @pytest.mark.parametrize(
     ("writer", "name", "depth", "detector"),
     [
-        (write_smv, "image.img", 2, "dtrek"),
-        (write_mar345, "image.mar2300", 4, "mar345"),
-        (write_bruker100, "image.sfrm", 4, "bruker100"),
-        (write_raxis, "image.osc", 2, "raxis"),
+        (write_smv, "image.img", 2, "SMV"),
+        (write_mar345, "image.mar2300", 4, "MAR345"),
+        (write_bruker100, "image.sfrm", 4, "Bruker v100"),
+        (write_raxis, "image.osc", 2, "R-AXIS"),
     ],
 )
 def test_meta_in_our_names_and_units(

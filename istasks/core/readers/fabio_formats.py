@@ -185,6 +185,16 @@ _META_BY_FORMAT: dict[str, Callable[[Mapping[str, Any], tuple[int, int]], Meta]]
     "bruker100": _bruker_meta,
     "raxis": _raxis_meta,
 }
+#: ``detector`` of the meta: the format's usual name (fabio's name for the others).
+_DETECTOR_NAMES = {
+    "dtrek": "SMV",
+    "adsc": "SMV",
+    "mar345": "MAR345",
+    "bruker": "Bruker",
+    "bruker100": "Bruker v100",
+    "raxis": "R-AXIS",
+    "edf": "EDF",
+}
 #: Header keys declaring the saturation (overload) level, per format.
 _SATURATION_KEYS = {"dtrek": "SATURATED_VALUE", "adsc": "SATURATED_VALUE"}
 
@@ -281,7 +291,7 @@ class FabioReader:
         self._saturation = _first(header, key) if key else None
         rows, cols = data.shape
         self._meta: Meta = {
-            "detector": self.format,
+            "detector": _DETECTOR_NAMES.get(self.format, self.format),
             "x_pixels_in_detector": cols,
             "y_pixels_in_detector": rows,
             "image_depth": self._depth,
