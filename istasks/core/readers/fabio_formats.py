@@ -261,8 +261,10 @@ class FabioReader:
     """An image file read by fabio (FrameReader); multi-frame files (EDF, GE...) too.
 
     The file is decoded once at open (fabio reads header and pixels together); the first
-    ``read_frame`` hands those pixels out and later ones decode again, so a cached reader
-    holds no frame. fabio objects are not thread-safe: reads take a lock.
+    ``read_frame`` hands those pixels out and later ones decode again, so a cached
+    single-image reader holds no frame (a multi-frame file keeps fabio's object for
+    ``getframe``, with what fabio caches). fabio objects are not thread-safe: reads take
+    a lock.
     """
 
     def __init__(self, path: str) -> None:
@@ -302,6 +304,8 @@ class FabioReader:
             "first_frame": 1,
             "last_frame": self._frames,
         }
+        if self._frames == 1:
+            self._image = None  # it holds the pixels too; frame 1 is decoded afresh
 
     def _open(self) -> Any:
         """fabio's reader class for the detected format, with the first frame read."""
