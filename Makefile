@@ -3,7 +3,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test bench bench-quick lint setup clean
+.PHONY: run test bench bench-quick lint setup clean compose-check
 
 $(STAMP): pyproject.toml scripts/bootstrap.sh
 	VENV=$(VENV) bash scripts/bootstrap.sh
@@ -31,6 +31,15 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check istasks bridge queues ops tests bench
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
+
+# compose.yaml for real (root, a container engine, several minutes; not part of `make
+# test`): engine and Compose tool from Debian if missing, base images from the Debian
+# mirror if missing, then tests/test_compose_stack.py builds, starts, replays the
+# compatibility kit through the published loopback port and tears everything down.
+compose-check: $(STAMP)
+	bash scripts/compose-engine.sh
+	bash scripts/compose-base.sh
+	IS_COMPOSE_CHECK=1 $(PY) -m pytest -p no:cacheprovider -rA -s tests/test_compose_stack.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 from bridge.sessions import SessionConfigError, SessionVerifier
 from istasks.logs import configure_logging
 from istasks.settings import Settings, get_settings
+from queues import proctitle
 from queues.identity import IdentityResolver
 
 if TYPE_CHECKING:
@@ -93,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     from bridge.server import BridgeServer
 
     settings = _parse_args(argv, get_settings())
+    proctitle.set_title(proctitle.BRIDGE)
     configure_logging(settings, "is-bridge")
     try:
         sessions = SessionVerifier.from_settings(settings)

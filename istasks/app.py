@@ -101,8 +101,9 @@ def celery_config(settings: Settings, identity: Identity | None = None) -> dict[
         "worker_hijack_root_logger": False,
         "worker_redirect_stdouts": False,
         # Task events are three publishes per task: off unless IS_TASK_EVENTS (Celery's
-        # default too), because Flower turns them on in every worker, every few seconds,
-        # while it runs; nobody else reads them.
+        # default too) where nobody reads them. Where Flower runs the setting is on, so a
+        # new worker's first tasks show: Flower turns events on in every worker only
+        # every 5 s.
         "worker_send_task_events": settings.task_events,
         "task_send_sent_event": False,
         "worker_enable_remote_control": True,

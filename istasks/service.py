@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import threading
 from dataclasses import dataclass, field
 from typing import Any
@@ -131,8 +132,9 @@ class Service:
         try:
             view = self.rendered(fn, params, contrast_params(job), label)
         except (DataUnavailable, OSError) as exc:  # EncodeError is not: it stays an error
+            # The log has the worker's whole story; the browser gets the path it sent.
             log.info("jpeg %s frame %d: blank image (%s)", fn, params.frame, exc)
-            return self._blank(job, params, reason=_reason(exc))
+            return self._blank(job, params, reason=public_reason(exc, fn))
         rendered = view.rendered
         echo = dict(job, wval_used=rendered.wval_used, bval_used=rendered.bval_used)
         return [_json(echo), _json(dict(view.meta, fn=fn)), rendered.jpeg.data]
@@ -164,6 +166,10 @@ class Service:
                 tmp_dir=self.settings.index_tmp_dir,
                 publish=_ProgressPublisher(self.progress) if self.progress else None,
             )
+        except IndexerError as exc:
+            log.info("index %s: %s", request.fn1, exc)
+            names = (str_field(job, "fn1") or "", str_field(job, "fn2") or "")
+            raise IndexerError(public_reason(exc, *names)) from exc
         finally:
             if slots is not None:
                 slots.release()
@@ -355,8 +361,42 @@ def _jpeg_key(reduced_key: str, contrast: ContrastParams, label: LabelParams, qu
     return f"{reduced_key}|w{contrast.wval}|c{contrast.contrast}|q{quality}|l{label.height}-{text}"
 
 
-def _reason(exc: BaseException) -> str:
-    return str(exc) or type(exc).__name__
+def public_reason(exc: BaseException, *names: str) -> str:
+    """Why a request for the files ``names`` failed, in the user's own terms: the blank
+    reply's ``error`` field, an index error's text.
+
+    Readers name the file they opened: for a relative ``fn`` that is the worker's cwd
+    (the ESAF home, ``IS_DATA_ROOT``) joined with it, which tells the browser how the
+    server's directories are laid out (``/home/e50001/../../../etc/passwd`` for a request
+    of ``../../../etc/passwd``). When a name was relative the cwd is taken out: the
+    requested file reads as it was sent and any other file under the cwd (an Eiger data
+    file) relative to it, as the user would name it. Absolute names are the user's own
+    text and stay as they are.
+    """
+    text = str(exc) or type(exc).__name__
+    if not any(name and not os.path.isabs(name) for name in names):
+        return text
+    try:
+        cwd = os.getcwd()
+    except OSError:  # the cwd was removed: nothing the reader said can name it
+        return text
+    if cwd == os.sep:
+        return text
+    # The cwd as given and as resolved (readers resolve an Eiger master's directory),
+    # each plain and as repr() shows it inside a message; longest first.
+    forms = {form for path in (cwd, os.path.realpath(cwd)) for form in (path, repr(path)[1:-1])}
+    for form in sorted(forms, key=len, reverse=True):
+        text = re.sub(re.escape(form) + _CWD_END, _relative, text)
+    return text
+
+
+#: Where a directory name ends inside a message: a separator, a quote, a blank, ":" or ",".
+_CWD_END = r"(/|(?=[\'\"\s:,)]|$))"
+
+
+def _relative(match: re.Match[str]) -> str:
+    """``<cwd>/x`` reads ``x``; the cwd itself reads ``.``."""
+    return "" if match.group(1) == "/" else "."
 
 
 def _json(obj: object) -> bytes:

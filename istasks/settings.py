@@ -78,6 +78,9 @@ class Settings:
     # cache); each run keeps this many tasks in flight, i.e. worker threads busy.
     prefetch_max_age_s: float = 3600.0
     prefetch_window: int = 1
+    # ``--watch DIR`` looks this many directories below DIR (beamlines nest each
+    # dataset as ESAF/user/sample/...): bounded, so a stray deep tree costs nothing.
+    prefetch_watch_depth: int = 6
 
     # Workers and identities (supervisor).
     worker_idle_s: float = 600.0
@@ -107,8 +110,10 @@ class Settings:
     # Mark the session cookie Secure (set when the gateway is served over HTTPS).
     gateway_secure_cookie: bool = False
     flower_basic_auth: str | None = None
-    # Celery task events (Flower's task views). Off, as in Celery: Flower turns them on
-    # in every worker while it runs.
+    # Celery task events (Flower's task views) from a worker's first task. Off, as in
+    # Celery, where nobody listens; on where Flower runs (ops/is.env, compose, ``isctl
+    # up --flower``): Flower's own enable-events broadcast reaches a new worker only
+    # after up to 5 s, and a user's first views are exactly those seconds.
     task_events: bool = False
 
     extra: Mapping[str, str] = field(default_factory=dict)

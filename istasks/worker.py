@@ -33,6 +33,7 @@ from istasks.app import create_app, master_secret
 from istasks.broker import use_pooled_client
 from istasks.logs import configure_logging
 from istasks.settings import Settings, get_settings
+from queues import proctitle
 from queues.envelope import queue_key as derive_queue_key
 from queues.naming import parse_queue_name
 
@@ -80,7 +81,8 @@ def serve(
 
     signals.worker_ready.connect(_ready, weak=False)
 
-    worker = app.Worker(
+    proctitle.set_title(proctitle.worker_title(node))
+    worker = _titled(app.Worker)(
         hostname=node,
         queues=[queue, identity.prefetch_queue],
         pool_cls=WakingThreadPool,
@@ -99,6 +101,20 @@ def serve(
         service.close()
     if worker.exitcode:
         raise SystemExit(worker.exitcode)
+
+
+def _titled(worker_cls: Any) -> Any:
+    """Celery's worker class, keeping the process title ours: Celery's own would be
+    ``[celeryd: <node>:MainProcess] -active- (<argv>)``, and a forked worker's argv is
+    the fork server's command line."""
+
+    class TitledWorker(worker_cls):  # type: ignore[misc]
+        def set_process_status(self, info: str) -> str:
+            title = proctitle.worker_title(self.hostname)
+            proctitle.set_title(title)
+            return title
+
+    return TitledWorker
 
 
 class WakingThreadPool(TaskPool):  # type: ignore[misc]

@@ -14,16 +14,23 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from istasks.errors import IsError
+from istasks.errors import DataUnavailable, IsError
 
 if TYPE_CHECKING:  # imported when ``up`` runs; the other subcommands stay light
+    from istasks.core.readers.base import Frame
     from ops.stack import Stack
 
 Handler = Callable[[argparse.Namespace], int]
 
 
 def _cmd_render(args: argparse.Namespace) -> int:
-    """Render one view of a file like a ``jpeg`` request and print its meta JSON."""
+    """Render one view of a file like a ``jpeg`` request and print its meta JSON.
+
+    Where the service would answer its grey blank (spec 2.2), nothing is written, the
+    reason goes to stderr and the exit status is 1 (see :func:`main`). A view that
+    renders but shows nothing (every pixel zero, masked or at the saturation value) is
+    written, and its reason is printed with exit status 2.
+    """
     from istasks import jobs
     from istasks.core.readers import open_reader
     from istasks.core.view import reduce_frame, render_jpeg
@@ -31,11 +38,16 @@ def _cmd_render(args: argparse.Namespace) -> int:
 
     settings = get_settings()
     job = _render_job(args)
-    reader = open_reader(str(args.file))
     try:
-        frame = reader.read_frame(jobs.view_params(job).frame)
-    finally:
-        reader.close()
+        reader = open_reader(str(args.file))
+        try:
+            frame = reader.read_frame(jobs.view_params(job).frame)
+        finally:
+            reader.close()
+    except DataUnavailable as exc:
+        print(f"isctl: nothing written, the service would answer blank: {exc}", file=sys.stderr)
+        return 1
+    blank = blank_reason(frame)
     reduced = reduce_frame(
         frame,
         jobs.view_params(job),
@@ -56,7 +68,40 @@ def _cmd_render(args: argparse.Namespace) -> int:
         f"wval_used={rendered.wval_used} bval_used={rendered.bval_used}",
         file=sys.stderr,
     )
-    return 0
+    if blank is None and not reduced.meta.get("max") and not reduced.meta.get("nSaturated"):
+        blank = "every pixel in the view window is zero or masked (try another zoom/segment)"
+    return _say_blank(args.file, frame.meta.get("frame", args.frame), blank)
+
+
+def blank_reason(frame: Frame) -> str | None:
+    """Why ``frame`` would render as a featureless view, or None when it has content.
+
+    Checked before the reduction (which zeroes masked pixels in place). A frame made
+    only of the saturation value is typically a fill value or gap flag read as counts.
+    """
+    import numpy as np
+
+    pixels = frame.pixels
+    usable = np.ones(pixels.shape, bool) if frame.mask is None else ~frame.mask.bad
+    if not usable.any():
+        return "every pixel is masked"
+    values = pixels[usable]
+    if not values.any():
+        return "every unmasked pixel is zero"
+    if bool((values == frame.saturation).all()):
+        return (
+            f"every unmasked pixel holds the saturation value {frame.saturation} "
+            "(a fill value or gap flag read as counts?)"
+        )
+    return None
+
+
+def _say_blank(file: object, frame: object, reason: str | None) -> int:
+    """Exit status 0, or 2 after telling stderr why the view of ``frame`` is blank."""
+    if reason is None:
+        return 0
+    print(f"isctl: {file} frame {frame} renders blank: {reason}", file=sys.stderr)
+    return 2
 
 
 def _render_job(args: argparse.Namespace) -> dict[str, Any]:
@@ -69,18 +114,34 @@ def _render_job(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _cmd_meta(args: argparse.Namespace) -> int:
-    """Print a file's metadata (with ``frame``) as compact sorted JSON."""
+    """Print a file's metadata (with ``frame``) as compact sorted JSON.
+
+    The frame itself is read too, so that a dataset whose metadata are fine but whose
+    frame would be served blank (data file missing, unreadable, empty) says why on
+    stderr and exits non-zero: 1 when the service would answer its grey blank, 2 when
+    the frame reads but holds nothing to see. ``--no-frame`` skips that check.
+    """
     from istasks import jobs
     from istasks.core.readers import open_reader
 
     reader = open_reader(str(args.file))
+    problem: IsError | None = None
+    blank: str | None = None
     try:
         meta = dict(reader.meta())
         meta.update(frame=args.frame, frame_count=reader.frame_count)
+        if args.check_frame:
+            try:
+                blank = blank_reason(reader.read_frame(args.frame))
+            except IsError as exc:
+                problem = exc
     finally:
         reader.close()
     print(jobs.dumps(meta))
-    return 0
+    if problem is not None:
+        print(f"isctl: frame {args.frame} would be served blank: {problem}", file=sys.stderr)
+        return 1
+    return _say_blank(args.file, args.frame, blank)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -270,6 +331,7 @@ def _cmd_prefetch(args: argparse.Namespace) -> int:
             Path(args.watch),
             interval_s=args.interval,
             give_up_s=args.give_up,
+            depth=args.depth,
         )
     target = Path(args.target)
     return prefetch.command(settings, identity, options, target, wait=not args.no_wait)
@@ -297,6 +359,12 @@ def _add_meta(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("meta", help="print the metadata of FILE as JSON")
     p.add_argument("file", type=Path)
     p.add_argument("--frame", type=int, default=1)
+    p.add_argument(
+        "--no-frame",
+        dest="check_frame",
+        action="store_false",
+        help="do not read the frame (by default its problems are reported and exit non-zero)",
+    )
     p.set_defaults(handler=_cmd_meta)
 
 
@@ -356,6 +424,12 @@ def _add_prefetch(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--watch", default=None, metavar="DIR", help="prefetch new datasets in DIR")
     p.add_argument("--interval", type=float, default=2.0, help="--watch poll interval, seconds")
     p.add_argument("--give-up", type=float, default=600.0, help="--watch: give up after s idle")
+    p.add_argument(
+        "--depth",
+        type=int,
+        default=None,
+        help="--watch: directory levels (IS_PREFETCH_WATCH_DEPTH)",
+    )
     p.add_argument("--window", type=int, default=None, help="tasks in flight (IS_PREFETCH_WINDOW)")
     p.add_argument("--timeout", type=float, default=120.0, help="longest wait for one frame, s")
     p.set_defaults(handler=_cmd_prefetch)

@@ -25,6 +25,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from istasks.settings import Settings, get_settings
+from queues import proctitle
 
 #: Task records Flower keeps in memory (its default of 100000 grows without need).
 MAX_TASKS = 10000
@@ -130,6 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run Flower until SIGTERM/SIGINT; 2 on a configuration error."""
     settings = get_settings()
     args = build_parser(settings).parse_args(argv)
+    proctitle.set_title(proctitle.FLOWER)
     options = FlowerOptions(
         port=args.port,
         address=args.address,

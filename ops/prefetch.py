@@ -48,6 +48,7 @@ from istasks.prefetch_task import (
 )
 from istasks.settings import Settings
 from ops.prefetch_progress import ProgressBar, Tally
+from ops.prefetch_tree import DATASET_PATTERNS
 from queues.envelope import seal
 from queues.identity import IdentityResolver, IdRange
 from queues.naming import Identity
@@ -56,8 +57,6 @@ from queues.pool import SupervisorClient
 #: Redis priority of prefetch messages: 9 is the lowest, its list is read last.
 PREFETCH_PRIORITY = 9
 DEFAULT_SIZES = (384, 1024)
-#: What a directory holds that is worth prefetching: Eiger masters, MarCCD, CBF.
-DATASET_PATTERNS = ("*_master.h5", "*.mccd", "*.cbf")
 #: Longest wait for one frame's result before the run gives up on the worker.
 DEFAULT_TIMEOUT_S = 120.0
 #: What kombu and redis-py raise when the broker or result backend is unreachable.

@@ -1,13 +1,16 @@
 """``isctl prefetch --watch DIR``: prefetch each new dataset while the detector writes it.
 
-The directory is polled (beamline storage is often NFS or GPFS, where inotify misses
-writes made on other hosts). Files already there at start are left alone. A new file
-is planned once its size and mtime held still for one poll and the admin can open it;
-its frames are then sent in order, and a frame the worker reports missing (not written
-yet) ends that dataset's turn: the rest is retried on later polls until every frame is
-done or failed, or nothing has progressed for ``give_up_s``. State is kept only for the
-datasets in progress and the names of finished ones that still exist, so memory follows
-the directory, not the watcher's age.
+The tree under DIR is polled down to ``IS_PREFETCH_WATCH_DEPTH`` directories (beamline
+storage is often NFS or GPFS, where inotify misses writes made on other hosts): listed
+once at start, then only the directories that changed (ops.prefetch_tree). Datasets
+already there at start are left alone. A new dataset file is planned once its size and
+mtime held still for one poll and the admin can open it; an Eiger master's frames are
+then sent as their data files are completed (ops.prefetch_eiger), other files' at once.
+A frame the worker reports missing (not written yet) ends that dataset's turn: the rest
+is retried on later polls until every frame is done or failed, or nothing has
+progressed for ``give_up_s``. State is kept only for the datasets in progress and the
+names of finished ones that still exist, so memory follows the tree, not the watcher's
+age.
 """
 
 from __future__ import annotations
@@ -29,15 +32,18 @@ from ops.prefetch import (
     Outcome,
     Sender,
     Window,
-    dataset_paths,
     frame_count,
     frame_numbers,
     run_tasks,
 )
+from ops.prefetch_eiger import DataFiles, data_files
 from ops.prefetch_progress import ProgressBar, Tally
+from ops.prefetch_tree import DatasetTree
 from queues.naming import Identity
 
 DEFAULT_INTERVAL_S = 2.0
+#: Directories below DIR that are watched (the settings' default, IS_PREFETCH_WATCH_DEPTH).
+DEFAULT_DEPTH = Settings.prefetch_watch_depth
 #: A dataset with no new frame for this long is reported and dropped.
 DEFAULT_GIVE_UP_S = 600.0
 
@@ -50,17 +56,25 @@ class Watched:
     progress_s: float  # time.monotonic() of the last step forward
     signature: tuple[int, int] | None = None  # (size, mtime_ns) at the previous poll
     frames: range | None = None  # known once the file could be opened
+    data: DataFiles | None = None  # an Eiger master's data files; None: all frames ready
     done: set[int] = field(default_factory=set)
     failed: set[int] = field(default_factory=set)
 
-    def pending(self) -> list[int]:
+    def remaining(self) -> list[int]:
         """Frames neither done nor failed, in order."""
         frames = self.frames or range(0)
         return [n for n in frames if n not in self.done and n not in self.failed]
 
+    def pending(self) -> list[int]:
+        """Remaining frames whose data is complete: the ones to send now."""
+        if self.data is None:
+            return self.remaining()
+        ready = self.data.ready()
+        return [n for n in self.remaining() if n in ready]
+
 
 class Watcher:
-    """Polls one directory and prefetches what appears in it through ``sender``."""
+    """Polls one directory tree and prefetches what appears in it through ``sender``."""
 
     def __init__(
         self,
@@ -68,10 +82,12 @@ class Watcher:
         directory: Path,
         options: Options,
         *,
+        depth: int = DEFAULT_DEPTH,
         give_up_s: float = DEFAULT_GIVE_UP_S,
         progress: ProgressBar | None = None,
     ) -> None:
-        self._sender, self._directory, self._options = sender, directory, options
+        self._sender, self._options = sender, options
+        self.tree = DatasetTree(directory, depth)
         self._give_up_s, self._progress = give_up_s, progress
         self._active: dict[str, Watched] = {}
         self._finished: set[str] = set()
@@ -81,21 +97,22 @@ class Watcher:
     def run(self, interval_s: float, stop: threading.Event | None = None) -> Tally:
         """Poll every ``interval_s`` until ``stop`` is set (or Ctrl-C); the tally."""
         stop = stop or threading.Event()
-        self._finished = self._listing()  # what is already there is not new
+        self._finished = self.tree.scan()  # what is already there is not new
         self.started.set()
         while not stop.wait(interval_s):
             self.poll()
         return self.tally
 
     def poll(self) -> None:
-        """One look at the directory, then one turn for every dataset in progress."""
-        listing = self._listing()
+        """One look at what changed in the tree, then one turn for every dataset in
+        progress."""
+        appeared, vanished = self.tree.poll()
         now = time.monotonic()
-        for path in sorted(listing - self._finished - self._active.keys()):
+        for path in sorted(appeared - self._finished - self._active.keys()):
             self._active[path] = Watched(path, now)
-        for path in sorted(self._active.keys() - listing):
+        for path in sorted(vanished & self._active.keys()):
             self._finish(self._active[path], "", error=f"{path}: removed before it was done")
-        self._finished &= listing  # forget names that are gone: bounded by the directory
+        self._finished -= vanished  # forget names that are gone: bounded by the tree
         for state in list(self._active.values()):
             try:
                 self._advance(state, now)
@@ -108,14 +125,13 @@ class Watcher:
         """File names held: datasets in progress and finished ones still present."""
         return len(self._active) + len(self._finished)
 
-    def _listing(self) -> set[str]:
-        return {str(p) for p in dataset_paths(self._directory)}
-
     def _advance(self, state: Watched, now: float) -> None:
         if state.frames is None and not self._open(state, now):
             if state.path in self._active:  # not dropped as unfit for --frames
                 self._maybe_give_up(state, now, "not readable")
             return
+        if state.data is not None and state.data.look():  # a data file was completed
+            state.progress_s = now
         before = len(state.done) + len(state.failed)
         tasks = (FrameTask(state.path, n) for n in state.pending())
         flight = Window(self._sender, self._options)
@@ -123,7 +139,7 @@ class Watcher:
         now = time.monotonic()  # a turn may have taken minutes
         if len(state.done) + len(state.failed) > before:
             state.progress_s = now
-        if not state.pending():
+        if not state.remaining():
             self._finish(state, f"prefetched {state.path}: {len(state.done)} frame(s)")
         else:
             self._maybe_give_up(state, now, f"{len(state.done)}/{len(state.frames or ())} done")
@@ -146,6 +162,9 @@ class Watcher:
             return False
         except IsError:  # not complete yet (or never readable: see give_up_s)
             return False
+        if state.path.endswith("_master.h5"):
+            paths = data_files(Path(state.path))
+            state.data = DataFiles(paths) if paths else None
         self.tally.total += len(state.frames)
         self._draw()
         return True
@@ -194,6 +213,7 @@ def command(
     *,
     interval_s: float = DEFAULT_INTERVAL_S,
     give_up_s: float = DEFAULT_GIVE_UP_S,
+    depth: int | None = None,
     stop: threading.Event | None = None,
     err: TextIO | None = None,
 ) -> int:
@@ -204,14 +224,24 @@ def command(
     if interval_s <= 0:
         raise PrefetchError(f"--interval {interval_s:g}: must be > 0")
     progress = ProgressBar(err or sys.stderr)
+    depth = settings.prefetch_watch_depth if depth is None else depth
+    if depth < 0:
+        raise PrefetchError(f"--depth {depth}: must be >= 0")
     sender = Sender(settings, identity)
-    watcher = Watcher(sender, directory, options, give_up_s=give_up_s, progress=progress)
-    progress.message(f"prefetch: watching {directory} for {identity.prefetch_queue} (Ctrl-C stops)")
+    watcher = Watcher(
+        sender, directory, options, depth=depth, give_up_s=give_up_s, progress=progress
+    )
+    progress.message(
+        f"prefetch: watching {directory} ({depth} levels deep) for {identity.prefetch_queue}"
+        " (Ctrl-C stops)"
+    )
     try:
         watcher.run(interval_s, stop)
     except KeyboardInterrupt:
         pass
     finally:
         sender.close()
+    tree = watcher.tree
+    progress.message(f"prefetch: {tree.directories} directories watched, {tree.listings} listed")
     progress.finish(watcher.tally)
     return 1 if watcher.tally.errors else 0

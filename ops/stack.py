@@ -160,6 +160,9 @@ class Stack:
             self.env["IS_BIND_ENDPOINT"] = self.endpoint
         if self.flower_port:
             self.env["IS_FLOWER_PORT"] = str(self.flower_port)
+            # Flower is part of this deployment: workers send task events from their
+            # first task, not from Flower's next enable-events broadcast (up to 5 s on).
+            self.env["IS_TASK_EVENTS"] = "true"
 
     def _dev_task_secret(self) -> Path:
         secret_file = self.run_dir / "task-secret"

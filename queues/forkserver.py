@@ -34,6 +34,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, NoReturn
 
+from queues import proctitle
+
 log = logging.getLogger(__name__)
 
 #: Modules the zygote imports once. Besides speed this matters for correctness: after a
@@ -246,6 +248,8 @@ def _worker_main(sock: socket.socket) -> NoReturn:
     """Body of a new worker: handshake, become the identity, serve until told to stop."""
     try:
         spec = _read_spec(sock)
+        # Until Celery names it by its node (istasks.worker), not "is-forkserver".
+        proctitle.set_title(proctitle.worker_title(f"is_{spec.uid}_{spec.gid} (starting)"))
         _send(sock, {"pid": os.getpid()})
         _await_reparent(spec.supervisor_pid)
         become(spec)
@@ -351,6 +355,7 @@ def zygote_main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--parent", type=int, required=True)
     parser.add_argument("--preload", default="")
     args = parser.parse_args(argv)
+    proctitle.set_title(proctitle.FORKSERVER)  # not the --preload list, lines of it
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != args.parent:

@@ -34,7 +34,7 @@ from istasks.app import master_secret
 from istasks.errors import IsError
 from istasks.logs import configure_logging
 from istasks.settings import Settings, get_settings
-from queues import control
+from queues import control, proctitle
 from queues.acl import AclManager, supervisor_tag
 from queues.envelope import queue_key
 from queues.forkserver import PRELOAD, ForkServer, WorkerSpec, set_child_subreaper
@@ -581,6 +581,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--busy-s", type=float, default=BUSY_S, help="asked about this recently: never evicted"
     )
     args = parser.parse_args(argv)
+    proctitle.set_title(proctitle.SUPERVISOR)
     configure_logging(settings, "is-supervisor")
     try:
         supervisor = Supervisor(

@@ -1,4 +1,5 @@
-"""compose.yaml and Dockerfile, checked offline: no Docker engine runs on these machines.
+"""compose.yaml and Dockerfile, checked offline (tests/test_compose_stack.py, run by
+`make compose-check`, builds and runs them on a real engine).
 
 The Compose file is validated against the Compose Specification JSON schema shipped in
 the docker-compose 1.29.2 wheel (tests/data/compose_spec.README.md), then against the
@@ -84,7 +85,7 @@ def test_healthcheck_snippets_compile(compose: dict[str, Any]) -> None:
 
 def test_data_is_mounted_read_only_and_only_where_needed(compose: dict[str, Any]) -> None:
     mounts = {
-        name: [v for v in service.get("volumes", []) if v["target"] == "/data"]
+        name: [v for v in service.get("volumes", []) if v["target"] == "${IS_DATA_MOUNT:-/data}"]
         for name, service in compose["services"].items()
     }
     assert [name for name, found in mounts.items() if found] == ["supervisor"]
@@ -103,6 +104,10 @@ def test_published_ports_are_loopback_only(compose: dict[str, Any]) -> None:
             assert str(port).startswith("127.0.0.1:"), f"{name}: {port}"
         if name.startswith("redis"):
             assert "ports" not in service
+    check = yaml.safe_load((ROOT / "docker" / "compose.check.yaml").read_text())
+    for name, service in check["services"].items():
+        for port in service.get("ports", []):
+            assert str(port).startswith("127.0.0.1:"), f"overlay {name}: {port}"
 
 
 def test_privileges_match_the_systemd_units(compose: dict[str, Any]) -> None:
@@ -153,11 +158,15 @@ def _dockerignored(path: str) -> bool:
 
 
 def test_dockerfile_builds_from_repository_files(compose: dict[str, Any]) -> None:
+    build = compose["x-is-build"]
+    assert build["context"] == "."
+    assert build["args"]["BASE"] == "${IS_BASE_IMAGE:-python:3.11-slim-bookworm}"
     for name in ("supervisor", "bridge", "flower"):
-        assert compose["services"][name]["build"] == "."
+        assert compose["services"][name]["build"] == build
     steps = _dockerfile_instructions()
+    assert ("ARG", "BASE=python:3.11-slim-bookworm") in steps
     bases = [args.split()[0] for word, args in steps if word == "FROM"]
-    assert bases and all(b == "python:3.11-slim-bookworm" for b in bases)
+    assert len(bases) == 2 and all(b == "${BASE}" for b in bases)
     for word, args in steps:
         if word == "COPY" and not args.startswith("--from"):
             *sources, _dest = args.split()
@@ -165,5 +174,47 @@ def test_dockerfile_builds_from_repository_files(compose: dict[str, Any]) -> Non
                 assert (ROOT / source).exists(), source
                 assert not _dockerignored(source), f"{source} is excluded by .dockerignore"
     final_user = [args for word, args in steps if word == "USER"][-1]
-    assert final_user not in ("root", "0")
+    assert final_user.split(":")[0] not in ("root", "0")
     assert _dockerignored(".venv") and _dockerignored(".git") and _dockerignored("secrets")
+
+
+def test_runtime_stage_has_no_compiler() -> None:
+    """Compilers and headers only in the build stage; the final stage installs libraries."""
+    steps = _dockerfile_instructions()
+    final = len(steps) - 1 - [w for w, _ in steps][::-1].index("FROM")
+    assert not steps[final][1].split()[1:], "the runtime stage is the unnamed last one"
+    runtime = " ".join(args for word, args in steps[final:] if word == "RUN")
+    for tool in ("build-essential", "gcc", "-dev ", "python3-dev"):
+        assert tool not in runtime, tool
+    build = " ".join(args for word, args in steps[:final] if word == "RUN")
+    assert "build-essential" in build and "pillow-simd" in build
+
+
+def test_services_see_the_accounts_read_only(compose: dict[str, Any]) -> None:
+    """The supervisor (workers' homes) and the bridge (names -> ids) resolve accounts from
+    the host's passwd and group, mounted read-only; both run by number, not by name."""
+    for name in ("supervisor", "bridge"):
+        service = compose["services"][name]
+        mounts = {v["target"]: v for v in service["volumes"] if v["type"] == "bind"}
+        assert mounts["/etc/passwd"]["source"] == "${IS_PASSWD_FILE:-/etc/passwd}"
+        assert mounts["/etc/group"]["source"] == "${IS_GROUP_FILE:-/etc/group}"
+        assert all(mounts[t]["read_only"] is True for t in ("/etc/passwd", "/etc/group"))
+        assert all(part.isdigit() for part in service["user"].split(":")), name
+    assert compose["services"]["supervisor"]["command"][-2:] == ["--group", "999"]
+    data = [
+        v
+        for v in compose["services"]["supervisor"]["volumes"]
+        if v["source"].startswith("${IS_DATA_DIR")
+    ]
+    assert data[0]["target"] == "${IS_DATA_MOUNT:-/data}"
+    assert compose["x-is-env"]["IS_DATA_ROOT"] == "${IS_DATA_MOUNT:-/data}"
+
+
+def test_redis_image_is_replaceable(compose: dict[str, Any]) -> None:
+    """The public Redis image by default; the Debian-built one where no registry answers."""
+    for name in ("redis-broker", "redis-cache"):
+        assert compose["services"][name]["image"] == "${IS_REDIS_IMAGE:-redis:7.2-bookworm}"
+        assert compose["services"][name]["user"] == "redis"
+    dockerfile = (ROOT / "docker" / "redis.Dockerfile").read_text()
+    assert "FROM ${BASE}" in dockerfile and "redis-server" in dockerfile
+    assert "USER redis" in dockerfile

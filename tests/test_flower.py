@@ -15,16 +15,23 @@ import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
+from istasks.app import create_app
 from istasks.settings import Settings, reset_settings
 from ops.flower import MAX_TASKS, FlowerOptions, flower_argv, flower_env, main
 from ops.redisserver import free_port
+from ops.stack import Stack
 from ops.status import collect_status
+from queues.naming import Identity
+from queues.pool import SupervisorClient
 from tests.processes import terminate
 
 AUTH = "admin:correct-horse"
+PROJECT = Path(__file__).resolve().parent.parent
 
 
 # -- configuration rules (no server needed) ---------------------------------------------
@@ -197,3 +204,87 @@ def test_sees_a_real_worker_but_not_idle_queues(redis_url: str, tmp_path: Path) 
             tasks = json.loads(_get(base + "/api/tasks?workername=" + node, auth=AUTH)[1])
         app.close()
         assert {task["name"] for task in tasks.values()} == {"is.jpeg"}
+
+
+def _send_first_task(settings: Settings, pool: SupervisorClient, identity: Identity) -> str:
+    """Start ``identity``'s worker and at once send it its first task; that task's id."""
+    pool.ensure(identity)  # returns once the new worker consumes its queue
+    task_id = f"first-{identity.uid}-{os.urandom(4).hex()}"
+    app = create_app(settings, identity)  # its results are stored under its identity
+    try:
+        result = app.send_task(
+            "is.jpeg", args=["not an envelope"], queue=identity.queue, task_id=task_id
+        )
+        value = result.get(timeout=30)  # refused (no envelope), but run by the worker
+    finally:
+        app.close()
+    assert "envelope" in str(value)
+    return task_id
+
+
+def _flower_task(base: str, task_id: str, timeout_s: float = 15.0) -> dict[str, Any] | None:
+    """The task as Flower's API knows it, once its events arrived (None: never)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status, body = _get(f"{base}/api/task/info/{task_id}", auth=AUTH)
+        if status == 200:
+            task: dict[str, Any] = json.loads(body)
+            if task.get("state") == "SUCCESS":
+                return task
+        time.sleep(0.25)
+    return None
+
+
+@pytest.mark.slow
+def test_a_new_identitys_first_task_shows_in_flower(tmp_path: Path) -> None:
+    """With Flower in the deployment, a worker started after Flower sends task events
+    from its first task: Flower's own enable-events broadcast reaches it only up to 5 s
+    later, and a user's first views are exactly those seconds."""
+    port = free_port()
+    settings = Settings(flower_basic_auth=AUTH, worker_idle_s=300)
+    with Stack.start(tmp_path / "run", settings, flower_port=port) as stack:
+        assert stack.env["IS_TASK_EVENTS"] == "true"  # isctl up --flower: Flower listens
+        base = f"http://127.0.0.1:{port}"
+        _wait_for_healthcheck(base)
+        env_settings = Settings.from_env(stack.env)
+        pool = SupervisorClient(env_settings)
+        try:
+            # Flower's event receiver is up once it shows a task of a first worker.
+            first = Identity(61001, 61001)
+            deadline = time.monotonic() + 60
+            while _flower_task(base, _send_first_task(env_settings, pool, first), 2.0) is None:
+                assert time.monotonic() < deadline, "Flower never showed a task"
+                pool.forget(first)
+            # Then a new identity: its worker starts now, after Flower.
+            new = Identity(61002, 61002)
+            task_id = _send_first_task(env_settings, pool, new)
+            task = _flower_task(base, task_id)
+        finally:
+            pool.close()
+    assert task is not None, "the new worker's first task never reached Flower"
+    node = f"is_{new.uid}_{new.gid}@{socket.gethostname()}"
+    assert (task["name"], task["worker"]) == ("is.jpeg", node)
+    assert task["received"] and task["started"] and task["succeeded"]  # all its events
+
+
+def _wait_for_healthcheck(base: str, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if _get(base + "/healthcheck")[0] == 200:
+                return
+        except OSError:
+            pass
+        assert time.monotonic() < deadline, "Flower did not come up"
+        time.sleep(0.2)
+
+
+def test_flower_deployments_enable_task_events() -> None:
+    """The env template and compose run Flower, so their workers send task events."""
+    env_lines = (PROJECT / "ops" / "is.env").read_text().splitlines()
+    assert "IS_TASK_EVENTS=true" in env_lines
+    compose = yaml.safe_load((PROJECT / "compose.yaml").read_text())
+    assert "flower" in compose["services"]
+    assert compose["x-is-env"]["IS_TASK_EVENTS"] == "true"
+    assert compose["services"]["supervisor"]["environment"]["IS_TASK_EVENTS"] == "true"
+    assert Settings().task_events is False  # where nobody listens, off

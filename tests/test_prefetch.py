@@ -8,6 +8,7 @@ read from the cache's own counters: a view of a prefetched frame computes nothin
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -31,7 +32,7 @@ from istasks.service import build_service
 from istasks.settings import Settings
 from ops import cli, prefetch, prefetch_watch
 from ops.client import request
-from ops.prefetch import FrameRange, Options, Sender
+from ops.prefetch import FrameRange, FrameTask, Options, Sender
 from ops.prefetch_progress import ProgressBar, Tally
 from ops.prefetch_watch import Watcher
 from ops.stack import Stack, dev_user
@@ -257,13 +258,87 @@ def test_watch_prefetches_a_dataset_as_it_is_written(
     assert _counter(stack, identity.gid, "computed") == before + 4
 
 
+class _TimedSender(Sender):
+    """A real Sender that notes when each frame was sent (wall clock, as the writer's)."""
+
+    def __init__(self, settings: Settings, identity: Identity) -> None:
+        super().__init__(settings, identity)
+        self.sent: list[tuple[float, str, int]] = []
+
+    def send(self, task: FrameTask, sizes: tuple[int, ...], *, keep_result: bool = True) -> Any:
+        self.sent.append((time.time(), task.path, task.frame))
+        return super().send(task, sizes, keep_result=keep_result)
+
+
+def _world_readable_tree(root: Path) -> None:
+    for directory, _, files in os.walk(root):
+        os.chmod(directory, 0o755)
+        for name in files:
+            os.chmod(os.path.join(directory, name), 0o644)
+
+
+def test_watch_prefetches_a_nested_dataset_while_it_is_written(
+    stack: Stack, settings: Settings, identity: Identity
+) -> None:
+    """ESAF/user/sample nesting; a detector process writes master, then data files frame
+    by frame; each frame is prefetched once its data file is complete, while the rest is
+    still being written. What was there before, and what a symlink leads to outside the
+    tree, is never prefetched."""
+    watched = Path(tempfile.mkdtemp(prefix="is-prefetch-tree-"))
+    outside = Path(tempfile.mkdtemp(prefix="is-prefetch-outside-"))
+    try:
+        write_eiger(watched / "0" / "old", "old", nimages=2, frames_per_file=2, shape=(64, 64))
+        (watched / "0" / "escape").symlink_to(outside, target_is_directory=True)
+        _world_readable_tree(watched)
+        with _TimedSender(settings, identity) as timed:
+            watcher = Watcher(timed, watched, Options(sizes=(96,)), depth=4, give_up_s=60)
+            stop = threading.Event()
+            thread = threading.Thread(target=watcher.run, args=(0.1, stop), daemon=True)
+            before = _counter(stack, identity.gid, "computed")
+            thread.start()
+            assert watcher.started.wait(10)
+            write_eiger(outside, "elsewhere", nimages=1, frames_per_file=1, shape=(64, 64))
+            _world_readable_tree(outside)
+            sample = watched / "0" / dev_user() / "sample_1"
+            writer = subprocess.Popen(
+                [sys.executable, "-m", "tests.live_writer", str(sample), "live",
+                 "--nimages", "6", "--frames-per-file", "2", "--frame-delay", "0.5"],
+                cwd=ROOT, stdout=subprocess.PIPE, text=True,
+            )  # fmt: skip
+            try:
+                out, _ = writer.communicate(timeout=120)
+            finally:
+                if writer.poll() is None:
+                    writer.kill()
+                    writer.communicate()
+            assert writer.returncode == 0
+            _wait_for(lambda: watcher.tally.done == 6)
+            stop.set()
+            thread.join(timeout=30)
+            assert not thread.is_alive()
+    finally:
+        shutil.rmtree(watched, ignore_errors=True)
+        shutil.rmtree(outside, ignore_errors=True)
+    assert (watcher.tally.total, watcher.tally.errors) == (6, [])
+    closed = {line["closed"]: line["at"] for line in map(json.loads, out.splitlines())}
+    master = str(sample / "live_master.h5")
+    assert {path for _, path, _ in timed.sent} == {master}
+    for sent_at, _, frame in timed.sent:
+        data_file = f"live_data_{(frame + 1) // 2:06d}.h5"
+        assert sent_at >= closed[data_file], f"frame {frame} sent before its data file was done"
+    first = min(sent_at for sent_at, _, frame in timed.sent if frame == 1)
+    assert first < closed["live_data_000003.h5"], "frame 1 waited for the whole dataset"
+    # The 6 new frames, each computed once: nothing old, nothing outside the tree.
+    assert _counter(stack, identity.gid, "computed") == before + 6
+
+
 def test_watch_command(settings: Settings, identity: Identity, tmp_path: Path) -> None:
     with pytest.raises(PrefetchError, match="not a directory"):
         prefetch_watch.command(settings, identity, Options(), tmp_path / "none")
     stop, err = threading.Event(), io.StringIO()
     stop.set()  # lists the directory once and stops, as after Ctrl-C
     assert prefetch_watch.command(settings, identity, Options(), tmp_path, stop=stop, err=err) == 0
-    assert f"watching {tmp_path} for {identity.prefetch_queue}" in err.getvalue()
+    assert f"watching {tmp_path} (6 levels deep) for {identity.prefetch_queue}" in err.getvalue()
     assert "prefetch: 0/0 frames done, 0 errors" in err.getvalue()
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import logging
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -233,3 +235,57 @@ def test_fold_setting_has_its_own_cache_entries(redis_url: str, master: Path) ->
     finally:
         plain.close()
         folded.close()
+
+
+# -- what a blank reply tells the browser (issue 17) -------------------------------------
+
+
+def _blank_error(service: Service, fn: str, frame: int = 1) -> str:
+    echo, meta, _ = service.jpeg({"type": "jpeg", "fn": fn, "frame": frame, "xsize": 64})
+    assert meta == b""  # the blank fallback: job echo, empty meta, grey JPEG
+    reason: str = json.loads(echo)["error"]
+    return reason
+
+
+def test_blank_reply_names_the_path_as_sent_not_the_worker_home(
+    service: Service,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    home = tmp_path / "home" / "e50001"
+    home.mkdir(parents=True)
+    monkeypatch.chdir(home)
+    sent = os.path.relpath("/etc/passwd", home)  # ../../../.. up to / and down again
+    caplog.set_level(logging.INFO, logger="istasks.service")
+    assert _blank_error(service, sent) == f"no supported detector format in {sent!r}"
+    assert f"{home}/{sent}" in caplog.text  # the worker's log keeps the resolved path
+    assert "No such file" in _blank_error(service, "nope_master.h5")
+    assert str(home) not in _blank_error(service, "nope_master.h5")
+    assert _blank_error(service, ".") == "[Errno 21] Is a directory: '.'"
+
+
+def test_blank_reply_of_a_relative_dataset_hides_where_its_data_files_are(
+    service: Service, master: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The Eiger reader resolves the master's directory: a symlinked home shows too."""
+    (master.parent / "x_1_data_000002.h5").unlink()
+    link = tmp_path / "esaf-home"
+    link.symlink_to(master.parent.parent)
+    monkeypatch.chdir(link)
+    sent = f"{master.parent.name}/{master.name}"
+    reason = _blank_error(service, sent, frame=3)
+    assert "frame 3 not available" in reason
+    assert str(tmp_path) not in reason
+    # An absolute name is the user's own text: shown as sent.
+    assert str(master) in _blank_error(service, str(master), frame=3)
+
+
+def test_index_error_names_the_path_as_sent(
+    service: Service, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "adir").mkdir()
+    with pytest.raises(IsError) as refused:
+        service.index({"type": "index", "fn1": "adir", "frame1": 1})
+    assert refused.value.wire_text() == "isIndex.c isIndex: adir is not a regular file"

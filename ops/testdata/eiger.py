@@ -10,6 +10,8 @@ Eiger2 X 16M frame takes about a second.
 from __future__ import annotations
 
 import shutil
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -201,6 +203,54 @@ def write_eiger(
     )
     master = directory / f"{prefix}_master.h5"
     write_master(master, spec, links, mask)
+    return master
+
+
+def write_eiger_live(
+    directory: Path,
+    prefix: str = "live",
+    *,
+    nimages: int = 4,
+    frames_per_file: int = 2,
+    shape: tuple[int, int] = (256, 256),
+    seed: int = 0,
+    frame_delay_s: float = 0.2,
+    on_file_done: Callable[[Path], None] | None = None,
+) -> Path:
+    """Write a dataset as the detector does while users watch: the master first (its links
+    name data files that do not exist yet), then each data file frame by frame, flushed
+    after every frame and ``frame_delay_s`` apart, tagged with ``image_nr_low/high`` from
+    its creation. ``on_file_done(path)`` runs as each data file is closed. The master path."""
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    center = (shape[1] / 2 + 3.5, shape[0] / 2 - 7.25)
+    firsts = list(range(1, nimages + 1, frames_per_file))
+    links = [(f"data_{n:06d}", data_file_name(prefix, n)) for n in range(1, len(firsts) + 1)]
+    spec = MasterSpec(shape, 32, nimages, 1, "1.8", center)
+    master = directory / f"{prefix}_master.h5"
+    write_master(master, spec, links, make_pixel_mask(shape, rng))
+    background = _background(shape, center)
+    for (_, name), first in zip(links, firsts, strict=True):
+        count = min(frames_per_file, nimages - first + 1)
+        path = directory / name
+        with h5py.File(path, "w") as file:
+            stack = file.create_dataset(
+                "entry/data/data",
+                shape=(count, *shape),
+                dtype=np.uint32,
+                chunks=(1, *shape),
+                **hdf5plugin.Bitshuffle(cname="lz4"),
+            )
+            stack.attrs["image_nr_low"] = np.int32(first)
+            stack.attrs["image_nr_high"] = np.int32(first + count - 1)
+            for index in range(count):
+                time.sleep(frame_delay_s)
+                stack[index] = make_frame(
+                    shape, np.uint32, rng, center=center, invalid=None, background=background
+                )
+                file.flush()
+        if on_file_done is not None:
+            on_file_done(path)
     return master
 
 

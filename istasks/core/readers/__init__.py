@@ -22,12 +22,20 @@ def _eiger_reader(path: str) -> FrameReader:
     return EigerReader(path)
 
 
+def _fabio_reader(path: str) -> FrameReader:
+    """The reader over fabio (SMV, MAR345, Bruker, EDF...), imported on first use."""
+    from istasks.core.readers.fabio_formats import FabioReader
+
+    return FabioReader(path)
+
+
 #: Format name (as returned by :func:`detect_format`) -> reader factory taking a path.
 READERS: dict[str, Callable[[str], FrameReader]] = {
     "eiger": _eiger_reader,
     "rayonix": RayonixReader,
     "cbf": CbfReader,
     "tiff": TiffReader,
+    "fabio": _fabio_reader,
 }
 
 

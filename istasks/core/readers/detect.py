@@ -22,7 +22,7 @@ from istasks.errors import DataUnavailable, UnknownFormat
 log = logging.getLogger(__name__)
 
 #: The format names :func:`detect_format` returns (keys of the reader registry).
-FORMATS = ("eiger", "rayonix", "tiff", "cbf")
+FORMATS = ("eiger", "rayonix", "tiff", "cbf", "fabio")
 
 TIFF_MAGIC_ORDER = {b"II*\0": "<", b"MM\0*": ">"}
 BIGTIFF_MAGICS = (b"II+\0", b"MM\0+")
@@ -186,11 +186,41 @@ def has_hdf5_signature(probe: FileProbe) -> bool:
     return False
 
 
-def detect_format(path: str) -> str:
-    """One of ``"eiger"``, ``"rayonix"``, ``"tiff"``, ``"cbf"`` from the file's content.
+#: fabio format names never served through fabio: those with a reader of their own
+#: (matched before fabio's table is consulted) and pictures (JPEG, JPEG 2000).
+FABIO_EXCLUDED = frozenset(
+    {"tif", "marccd/tif", "pilatus", "eiger/lima/sparse/hdf5/lambda", "cbf", "jpeg", "jpeg2k"}
+)
+#: Bytes :func:`fabio_format` looks at (fabio itself reads 18).
+FABIO_MAGIC_BYTES = 64
 
-    Raises :class:`UnknownFormat` for content no reader supports and
-    :class:`DataUnavailable` (with the OS reason) when the file cannot be read.
+
+def fabio_format(head: bytes) -> str | None:
+    """fabio's format name for a file starting with ``head``, or None.
+
+    Uses fabio's magic table (``fabio.openimage.MAGIC_NUMBERS``) in its order, first
+    match wins, like ``fabio.open`` without its file-name fallbacks and without GE's
+    all-zero entry (a zero-filled file is no image). fabio is imported
+    on first use: most files are matched by the checks before this one.
+    """
+    from fabio.openimage import MAGIC_NUMBERS
+
+    for magic, name in MAGIC_NUMBERS:
+        if not magic.strip(b"\0"):
+            continue  # GE's "blanked header" entry: ten zero bytes say nothing of a file
+        if head.startswith(magic):
+            return None if name in FABIO_EXCLUDED else str(name)
+    return None
+
+
+def detect_format(path: str) -> str:
+    """One of ``"eiger"``, ``"rayonix"``, ``"tiff"``, ``"cbf"``, ``"fabio"`` from the content.
+
+    ``"fabio"`` is any other format fabio knows by its magic number (SMV, MAR345, Bruker,
+    R-AXIS, EDF...; see :mod:`istasks.core.readers.fabio_formats`).
+
+        Raises :class:`UnknownFormat` for content no reader supports and
+        :class:`DataUnavailable` (with the OS reason) when the file cannot be read.
     """
     with FileProbe(path) as probe:
         found = probe_format(probe)
@@ -214,4 +244,6 @@ def probe_format(probe: FileProbe) -> str:
         return "cbf"
     if has_hdf5_signature(probe):
         return "eiger"
+    if fabio_format(probe.read_at(0, FABIO_MAGIC_BYTES)) is not None:
+        return "fabio"
     raise UnknownFormat(f"no supported detector format in {probe.path!r}")

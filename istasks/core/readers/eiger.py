@@ -6,6 +6,10 @@ The master's ``/entry/data/data_NNNNNN`` entries are external links to each data
 the attributes are absent (dxtbx). Unlike the original (spec 8 item 17), a missing data
 file hides only its own frames, data files that appear later are found on the next miss,
 and a file without a pixel mask is shown unmasked.
+
+NXmx masters (Diamond's nexgen, mx-bluesky) are read here too: a virtual
+``/entry/data/data`` defines the frames (:mod:`istasks.core.readers.nxmx_vds`), and signed
+pixels (int32/int16) have their negative gap/bad flags masked and zeroed.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from istasks.core.readers.base import MAX_FRAME_PIXELS, Frame, Meta, PixelMask
 from istasks.core.readers.eiger_frames import DataLink, FrameTable, open_hdf5
 from istasks.core.readers.eiger_mask import read_mask
 from istasks.core.readers.eiger_meta import H5_ERRORS, PIXEL_MASK_PATH, read_detector_meta
+from istasks.core.readers.negatives import unsigned_with_mask
 from istasks.errors import DataUnavailable, FrameNotFound, UnknownFormat
 
 log = logging.getLogger(__name__)
@@ -70,13 +75,30 @@ def _read_mask(master: h5py.File) -> PixelMask | None:
         return None
 
 
-def _as_unsigned(pixels: npt.NDArray[Any]) -> npt.NDArray[np.unsignedinteger[Any]]:
-    """Native-order unsigned pixels: signed stacks are reinterpreted (-1 is the gap flag)."""
+def _as_unsigned(
+    pixels: npt.NDArray[Any],
+) -> tuple[npt.NDArray[np.unsignedinteger[Any]], PixelMask | None]:
+    """Native-order unsigned pixels, and for signed stacks (NXmx writers: int32, int16)
+    the mask of their negative values, the gap/bad flags (-1, -2), which become 0."""
     if not pixels.dtype.isnative:
         pixels = pixels.astype(pixels.dtype.newbyteorder("="))
     if pixels.dtype.kind == "i":
-        pixels = pixels.view(pixels.dtype.str.replace("i", "u"))
-    return pixels
+        if not pixels.flags.writeable:
+            pixels = pixels.copy()
+        return unsigned_with_mask(pixels, pixels.dtype.itemsize)
+    return pixels, None
+
+
+def _union(stored: PixelMask | None, flags: PixelMask | None) -> PixelMask | None:
+    """The detector's mask plus the frame's negative flags (the shared mask when it
+    already covers them, so its cached index is reused)."""
+    if flags is None:
+        return stored
+    if stored is None:
+        return flags
+    if not (flags.bad & ~stored.bad).any():
+        return stored
+    return PixelMask(stored.bad | flags.bad)
 
 
 class EigerReader:
@@ -93,7 +115,8 @@ class EigerReader:
         try:
             self._table = FrameTable(self._master, Path(path).resolve().parent)
             self._detector_meta = read_detector_meta(self._master)
-            self._declared = _declared_frames(self._detector_meta)
+            # An NXmx VDS's length is the dataset (nexgen rewrites nimages to match it).
+            self._declared = self._table.vds_frames or _declared_frames(self._detector_meta)
             self._detector_meta["image_depth"] = _image_depth(
                 self._detector_meta, self._table, path
             )
@@ -103,6 +126,9 @@ class EigerReader:
                 raise
             raise UnknownFormat(f"{path}: not an Eiger master file ({exc})") from exc
         self._detector_meta["fn"] = path
+        # NXmx writers (nexgen) give only NXdetector's ``distance``: the same metres.
+        if "detector_distance" not in self._detector_meta and "distance" in self._detector_meta:
+            self._detector_meta["detector_distance"] = self._detector_meta["distance"]
         self._mask: PixelMask | None = None
         self._mask_loaded = False
 
@@ -135,12 +161,12 @@ class EigerReader:
             chunk = self._read_slab(link, index)
             if not self._mask_loaded:
                 self._mask, self._mask_loaded = _read_mask(master), True
-        pixels = self._finish(link, chunk)
+        pixels, flags = self._finish(link, chunk)
         meta = self.meta()
         meta["frame"] = frame
         return Frame(
             pixels=pixels,
-            mask=self._mask_for(pixels.shape),
+            mask=_union(self._mask_for(pixels.shape), flags),
             saturation=(1 << (8 * pixels.itemsize)) - 1,
             meta=meta,
         )
@@ -184,7 +210,9 @@ class EigerReader:
             link.forget(f"unreadable ({exc})")  # perhaps still being written: retry later
             raise DataUnavailable(f"{link.describe()}: frame unreadable ({exc})") from exc
 
-    def _finish(self, link: DataLink, slab: bytes | npt.NDArray[Any]) -> npt.NDArray[Any]:
+    def _finish(
+        self, link: DataLink, slab: bytes | npt.NDArray[Any]
+    ) -> tuple[npt.NDArray[Any], PixelMask | None]:
         """Outside the lock: decode a raw chunk in threads; make pixels unsigned/native."""
         if isinstance(slab, bytes):
             shape, dtype = link.frame_shape, link.dtype

@@ -23,6 +23,7 @@ import numpy as np
 from istasks.core import bslz4
 from istasks.core.readers.base import MAX_FRAME_PIXELS
 from istasks.core.readers.eiger_meta import H5_ERRORS
+from istasks.core.readers.nxmx_vds import VdsSource, missing_sources, vds_sources
 from istasks.errors import DataUnavailable, FrameNotFound, UnknownFormat
 
 log = logging.getLogger(__name__)
@@ -103,12 +104,26 @@ def _external_path(target: str, master_dir: Path) -> Path:
 
 
 class DataLink:
-    """One ``/entry/data`` member and, once opened, its ``[n, rows, cols]`` frame stack."""
+    """One ``/entry/data`` member and, once opened, its ``[n, rows, cols]`` frame stack.
 
-    def __init__(self, name: str, master: h5py.File, file_path: Path | None, object_path: str):
+    ``place`` (first frame, last frame, first slab), given for a source of a virtual
+    dataset, places the stack exactly as the VDS maps it, like ``image_nr_low/high`` do.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        master: h5py.File,
+        file_path: Path | None,
+        object_path: str,
+        place: tuple[int, int, int] | None = None,
+    ):
         self.name = name
         self.file_path = file_path
         self.object_path = object_path
+        self.place = place
+        #: Slab of the stack holding this link's first frame (0 but for VDS sources).
+        self.offset = place[2] if place is not None else 0
         self._master = master
         self.file: h5py.File | None = None
         self.dataset: h5py.Dataset | None = None
@@ -132,15 +147,25 @@ class DataLink:
         """Pixel type as stored."""
         return None if self.dataset is None else self.dataset.dtype
 
+    def holds(self, frame: int) -> bool:
+        """Whether ``place`` puts ``frame`` in this stack (False without a place)."""
+        return self.place is not None and self.place[0] <= frame <= self.place[1]
+
+    @property
+    def usable(self) -> int | None:
+        """Frames of the stack from ``offset`` on (None while it cannot be opened)."""
+        count = self.count
+        return None if count is None else max(count - self.offset, 0)
+
     @property
     def incomplete(self) -> bool:
         """The attributes promise more frames than the stack holds (still being written)."""
-        count = self.count
+        usable = self.usable
         return (
-            count is not None
+            usable is not None
             and self.low is not None
             and self.high is not None
-            and self.high - self.low + 1 > count
+            and self.high - self.low + 1 > usable
         )
 
     def describe(self) -> str:
@@ -178,6 +203,10 @@ class DataLink:
         elif node.shape[1] * node.shape[2] > MAX_FRAME_PIXELS:
             rows, cols = node.shape[1:]
             self.forget(f"frames of {rows} x {cols} pixels exceed the limit of {MAX_FRAME_PIXELS}")
+        elif self.place is not None:
+            self.low, self.high = self.place[0], self.place[1]
+            self.direct = bslz4.is_frame_chunked_bslz4(node)
+            self.dataset, self.problem = node, ""
         else:
             low = _int_attr(node.attrs, "image_nr_low")
             high = _int_attr(node.attrs, "image_nr_high")
@@ -221,7 +250,7 @@ def _placements(links: list[DataLink]) -> list[tuple[int, int, DataLink]]:
     placed: list[tuple[int, int, DataLink]] = []
     next_start: int | None = 1
     for link in links:
-        count = link.count
+        count = link.usable
         if link.low is not None and link.high is not None and count is not None:
             stop = min(link.high, link.low + count - 1)
             if stop >= link.low:
@@ -238,7 +267,13 @@ def _placements(links: list[DataLink]) -> list[tuple[int, int, DataLink]]:
 
 
 class FrameTable:
-    """Frame number -> (data stack, slab index) for one master file."""
+    """Frame number -> (data stack, slab index) for one master file.
+
+    The stacks are, in order of preference: the sources of a virtual ``data`` dataset
+    (NXmx, see :mod:`istasks.core.readers.nxmx_vds`), the ``data_NNNNNN`` links (DECTRIS),
+    else a plain ``data`` dataset. A master with both a VDS and ``data_NNNNNN`` links
+    (nexgen) is read through its VDS, whose frames may start inside the first file.
+    """
 
     def __init__(self, master: h5py.File, master_dir: Path) -> None:
         group = master.get(DATA_GROUP)
@@ -247,13 +282,75 @@ class FrameTable:
         self._master, self._group, self._dir = master, group, master_dir
         self._links: dict[str, DataLink] = {}
         self._placed: list[tuple[int, int, DataLink]] = []
+        #: Frames of the virtual dataset (None: the master has none).
+        self.vds_frames: int | None = None
+        #: Source files to check before reading a VDS that is not split by whole frames.
+        self._vds_sources: list[VdsSource] = []
+        self._vds_file: h5py.File | None = None
+        self._vds_itemsize: int | None = None
+        self._fixed = self._adopt_vds()
         self.refresh()
+
+    def _adopt_vds(self) -> bool:
+        """Links for the sources of a virtual ``data`` dataset; False when there is none."""
+        vds = self._virtual_data()
+        if vds is None:
+            return False
+        self.vds_frames = int(vds.shape[0])
+        self._vds_itemsize = int(vds.dtype.itemsize)
+        sources = vds_sources(vds, self._master, self._dir)
+        if sources and all(source.whole_frames for source in sources):
+            for number, source in enumerate(sources, 1):
+                place = (source.first, source.last, source.source_start)
+                self._links[f"vds_{number:06d}"] = DataLink(
+                    f"data frames {source.first}-{source.last}",
+                    self._master,
+                    source.file_path,
+                    source.object_path,
+                    place,
+                )
+            return True
+        self._vds_sources = sources
+        holder = Path(vds.file.filename).resolve()
+        in_master = holder == Path(self._master.filename).resolve()
+        self._links["data"] = DataLink(
+            "data", self._master, None if in_master else holder, vds.name, (1, self.vds_frames, 0)
+        )
+        return True
+
+    def _virtual_data(self) -> h5py.Dataset | None:
+        """``/entry/data/data`` when it is a 3-D virtual dataset (external link followed)."""
+        try:
+            link = self._group.get("data", getlink=True)
+            if isinstance(link, h5py.ExternalLink):
+                path = _external_path(link.filename, self._dir)
+                if not path.is_file():
+                    return None
+                self._vds_file = open_hdf5(path)
+                node = self._vds_file.get(link.path)
+            else:
+                node = self._group.get("data") if link is not None else None
+            if isinstance(node, h5py.Dataset) and node.is_virtual and node.ndim == 3:
+                return node
+        except (DataUnavailable, *H5_ERRORS) as exc:
+            log.warning("nxmx: %s: unreadable data entry (%s)", self._master.filename, exc)
+        if self._vds_file is not None:
+            self._vds_file.close()
+            self._vds_file = None
+        return None
+
+    def _link_names(self) -> list[str]:
+        """``data_NNNNNN`` members, else ``data`` (both would count the frames twice)."""
+        names = sorted(name for name in self._group if _LINK_NAME.fullmatch(name))
+        numbered = [name for name in names if name != "data"]
+        return numbered or names
 
     def refresh(self) -> None:
         """Pick up new links, retry unopened or growing stacks, rebuild the table."""
-        for name in sorted(self._group):
-            if _LINK_NAME.fullmatch(name) and name not in self._links:
-                self._links[name] = _link_for(self._group, name, self._master, self._dir)
+        if not self._fixed:
+            for name in self._link_names():
+                if name not in self._links:
+                    self._links[name] = _link_for(self._group, name, self._master, self._dir)
         for link in self._links.values():
             if link.incomplete:
                 link.forget("still being written")
@@ -268,21 +365,27 @@ class FrameTable:
             hit = self._find(frame)
         if hit is None:
             raise FrameNotFound(self._why_missing(frame, declared))
+        missing = missing_sources(self._vds_sources, frame)
+        if missing:
+            where = self._master.filename
+            raise FrameNotFound(
+                f"{where}: frame {frame} not available (data file missing: {', '.join(missing)})"
+            )
         return hit
 
     def _find(self, frame: int) -> tuple[DataLink, int] | None:
         for first, last, link in self._placed:
             if first <= frame <= last:
-                return link, frame - first
+                return link, frame - first + link.offset
         return None
 
     def _why_missing(self, frame: int, declared: int | None) -> str:
         where = self._master.filename
         if declared is not None and frame > declared:
             return f"{where}: frame {frame} is beyond the last frame ({declared})"
-        closed = [
-            f"{link.describe()}: {link.problem}" for link in self._links.values() if link.problem
-        ]
+        problems = [link for link in self._links.values() if link.problem]
+        holding = [link for link in problems if link.place and link.holds(frame)]
+        closed = [f"{link.describe()}: {link.problem}" for link in holding or problems]
         detail = "; ".join(closed[:3]) if closed else "no data stack holds it"
         return f"{where}: frame {frame} not available ({detail})"
 
@@ -297,13 +400,16 @@ class FrameTable:
         return max((last for _first, last, _link in self._placed), default=0)
 
     def itemsize(self) -> int | None:
-        """Bytes per pixel of the first open stack."""
+        """Bytes per pixel of the first open stack, else of the virtual dataset."""
         for link in self._links.values():
             if link.dtype is not None:
                 return int(link.dtype.itemsize)
-        return None
+        return self._vds_itemsize
 
     def close(self) -> None:
-        """Close every data file."""
+        """Close every data file (and a separate VDS file)."""
         for link in self._links.values():
             link.close()
+        if self._vds_file is not None:
+            self._vds_file.close()
+            self._vds_file = None
