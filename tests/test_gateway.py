@@ -453,3 +453,9 @@ def test_is_gateway_refuses_to_start_without_a_session_key(
     monkeypatch.setenv("IS_REDIS_URL", redis_url)
     assert main(["--port", str(free_port())]) == 2
     assert "IS_SESSION_PUBLIC_KEY" in capsys.readouterr().err
+
+
+def test_gateway_process_says_what_it_is(stack: Stack) -> None:
+    gateway = next(c.process.pid for c in stack.components if c.name == "gateway")
+    cmdline = Path(f"/proc/{gateway}/cmdline").read_bytes().split(b"\0")[0]
+    assert cmdline == b"is-gateway"

@@ -17,6 +17,7 @@ from bridge.main import worker_pool
 from bridge.sessions import SessionConfigError, SessionVerifier
 from istasks.logs import configure_logging
 from istasks.settings import Settings, get_settings
+from queues import proctitle
 from queues.identity import IdentityResolver
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     from istasks.app import create_app
 
     settings = _parse_args(argv, get_settings())
+    proctitle.set_title(proctitle.GATEWAY)
     configure_logging(settings, "is-gateway")
     try:
         sessions = SessionVerifier.from_settings(settings)
