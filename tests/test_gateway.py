@@ -459,3 +459,13 @@ def test_gateway_process_says_what_it_is(stack: Stack) -> None:
     gateway = next(c.process.pid for c in stack.components if c.name == "gateway")
     cmdline = Path(f"/proc/{gateway}/cmdline").read_bytes().split(b"\0")[0]
     assert cmdline == b"is-gateway"
+
+
+def test_one_session_runs_two_index_jobs_at_most(http: httpx.Client, data_dir: Path) -> None:
+    body = {"fn1": str(data_dir / "x_master.h5")}
+    runs = [http.post(f"{API}/esaf/0/index", json=body) for _ in range(3)]
+    assert [r.status_code for r in runs[:2]] == [202, 202]
+    _assert_problem(runs[2], 429, "index runs")
+    for run in runs[:2]:  # both still end with their result
+        assert _events(http, run.json()["events"])[-1][0] == "result"
+    assert http.post(f"{API}/esaf/0/index", json=body).status_code == 202

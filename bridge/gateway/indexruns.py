@@ -35,6 +35,8 @@ MAX_RUNS = 64
 MAX_RUNNING = 16
 #: After the result, how long the last progress messages may still arrive.
 TAIL_S = 1.0
+#: Runs in progress at once for one session (one user cannot take every slot).
+MAX_RUNNING_PER_SESSION = 2
 #: A comment line this often keeps proxies from closing a quiet stream.
 KEEPALIVE_S = 15.0
 #: Progress messages kept per run (the indexer's are a few dozen).
@@ -101,6 +103,13 @@ class IndexRuns:
 
     def new(self, pid: str, esaf: int) -> IndexRun:
         """Register a run (503 when too many are running)."""
+        mine = sum(not r.done and r.pid == pid for r in self._runs.values())
+        if mine >= MAX_RUNNING_PER_SESSION:
+            raise Problem(
+                429,
+                f"{mine} index runs of this session are in progress",
+                headers={"Retry-After": "10"},
+            )
         if sum(not r.done for r in self._runs.values()) >= MAX_RUNNING:
             raise Problem(
                 503,
