@@ -233,7 +233,7 @@ def openapi_document(max_xsize: int) -> dict[str, Any]:
                     },
                     "responses": {
                         "202": {"description": "started: {id, events}"},
-                        **_problems(401, 403, 413, 415, 422, 503),
+                        **_problems(401, 403, 413, 415, 422, 429, 503),
                     },
                 }
             },
