@@ -28,7 +28,7 @@ MODULE_ISSUES = {
     "bench_read": 2, "bench_pipeline": 2, "bench_readers": 2,
     "bench_bridge": 3, "bench_tasks": 3, "bench_e2e": 3,
     "bench_identities": 4, "bench_identities_e2e": 4,
-    "bench_prefetch": 5, "bench_load": 6, "bench_formats": 18,
+    "bench_prefetch": 5, "bench_load": 6, "bench_gateway": 13, "bench_formats": 18,
 }  # fmt: skip
 ISSUE_TITLES = {
     2: "image core (Eiger2 16M -> 1024 px)",
@@ -36,6 +36,7 @@ ISSUE_TITLES = {
     4: "per-identity workers",
     5: "prefetch",
     6: "load",
+    13: "HTTP gateway, zoom tiles, worker memory",
     18: "other facilities' formats (fabio, NXmx VDS) at 16M",
 }
 

@@ -24,13 +24,21 @@ from istasks.cache import (
     FileVersion,
     ReaderCache,
     ReducedCache,
+    SingleFlight,
     note_outcome,
     stat_version,
 )
 from istasks.core.params import ContrastParams, LabelParams, ViewParams
 from istasks.core.readers import open_reader
-from istasks.core.readers.base import FrameReader
-from istasks.core.view import Reduced, Rendered, reduce_frame, render_blank, render_jpeg
+from istasks.core.readers.base import Frame, FrameReader
+from istasks.core.view import (
+    Reduced,
+    Rendered,
+    prepare_frame,
+    reduce_frame,
+    render_blank,
+    render_jpeg,
+)
 from istasks.errors import DataUnavailable, IndexerError, RequestError
 from istasks.indexer import IndexRequest, run_index
 from istasks.jobs import (
@@ -55,6 +63,8 @@ Frames = list[bytes]
 READER_CACHE_SIZE = 8
 #: Bytes charged per JPEG LRU entry beyond the JPEG (key, meta dict, tuples).
 JPEG_ENTRY_OVERHEAD_BYTES = 4096
+#: Bytes charged per frame LRU entry beyond its pixels (meta dict, key).
+FRAME_ENTRY_OVERHEAD_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -95,9 +105,15 @@ class Service:
     index_slots: threading.BoundedSemaphore | None = None
     #: Rendered replies of repeated identical views; sized by ``jpeg_lru_max_bytes``.
     jpegs: ByteLRU[RenderedView] = field(init=False)
+    #: Decoded, prepared frames (core.view.prepare_frame) by file version and frame
+    #: number; sized by ``frame_lru_max_bytes``. Tiles of one frame share one decode.
+    frames: ByteLRU[Frame] = field(init=False)
+    _decoding: SingleFlight[Frame] = field(init=False)
 
     def __post_init__(self) -> None:
         self.jpegs = ByteLRU(self.settings.jpeg_lru_max_bytes)
+        self.frames = ByteLRU(self.settings.frame_lru_max_bytes)
+        self._decoding = SingleFlight()
 
     # -- requests ---------------------------------------------------------------------
 
@@ -197,8 +213,7 @@ class Service:
         path = resolve_path(fn)
 
         def compute(version: FileVersion) -> Reduced:
-            with self.readers.lease(version) as reader:
-                frame = reader.read_frame(params.frame)
+            frame = self.decoded(version, params.frame)
             return reduce_frame(
                 frame,
                 params,
@@ -209,6 +224,23 @@ class Service:
 
         token = params.cache_token(fold=self.settings.fold_edges)
         return self.cache.get(path, token, compute, version=version)
+
+    def decoded(self, version: FileVersion, number: int) -> Frame:
+        """Frame ``number`` of the file at ``version``, prepared for reduction: from the
+        frame LRU, or read once however many threads ask for it at the same time (the
+        tiles of a zoom arrive together)."""
+        key = f"{version.path}\0{version.mtime_ns}\0{version.size}\0{number}"
+        frame = self.frames.get(key)
+        if frame is not None:
+            return frame
+
+        def read() -> Frame:
+            with self.readers.lease(version) as reader:
+                prepared = prepare_frame(reader.read_frame(number))
+            self.frames.put(key, prepared, prepared.pixels.nbytes + FRAME_ENTRY_OVERHEAD_BYTES)
+            return prepared
+
+        return self._decoding.do(key, read)
 
     def close(self) -> None:
         """Close readers and Redis connections."""

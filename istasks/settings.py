@@ -59,6 +59,10 @@ class Settings:
     lru_max_bytes: int = 512 * 1024 * 1024
     # Rendered jpeg replies kept per worker: a repeated identical view skips contrast+encode.
     jpeg_lru_max_bytes: int = 64 * 1024 * 1024
+    # Decoded frames kept per worker, so that the tiles of the frame on screen (zoom, pan)
+    # are reduced without decoding it again: room for two Eiger2 16M uint32 frames
+    # (4148 x 4362 x 4 B = 72.4 MB each). 0: off.
+    frame_lru_max_bytes: int = 160 * 1024 * 1024
     max_xsize: int = 10000
     spot_sensitivity: float = 1.5
     # Our edge fold (istasks.core.reduce): off gives the original's picture to the pixel;
@@ -97,6 +101,14 @@ class Settings:
     metrics_port: int | None = None
     metrics_address: str = "127.0.0.1"
     flower_port: int = 5555
+    # HTTP gateway (``is-gateway``, bridge.gateway): browsers and scripts. Port 0 in
+    # ``isctl up`` means any free port; the gateway itself needs a real one.
+    gateway_port: int = 8090
+    gateway_address: str = "127.0.0.1"
+    # Requests one session may have in flight at the gateway; more get 429.
+    gateway_session_in_flight: int = 16
+    # Mark the session cookie Secure (set when the gateway is served over HTTPS).
+    gateway_secure_cookie: bool = False
     flower_basic_auth: str | None = None
     # Celery task events (Flower's task views) from a worker's first task. Off, as in
     # Celery, where nobody listens; on where Flower runs (ops/is.env, compose, ``isctl

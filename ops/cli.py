@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import urllib.parse
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -168,7 +169,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
     if os.geteuid() != 0:
         print("isctl up: not root: workers run as the invoking user for every identity")
     try:
-        stack = Stack.start(run_dir, settings, flower_port=args.flower)
+        stack = Stack.start(run_dir, settings, flower_port=args.flower, gateway=True)
     except StackConfigError as exc:
         print(f"isctl up: {exc}", file=sys.stderr)
         return 2
@@ -219,6 +220,11 @@ def _print_up(stack: Stack, args: argparse.Namespace, master: Path, run_dir: Pat
         print(f"isctl up: demo dataset: {master} (frames 1-4)")
         return
     pid = stack.add_session([args.esaf], user=dev_user())
+    if stack.gateway_url:
+        # The pid rides in the fragment, which browsers never send: the page trades it
+        # for an HttpOnly cookie and removes it from the address bar.
+        fragment = urllib.parse.urlencode({"pid": pid, "esaf": args.esaf, "fn": str(master)})
+        print(f"isctl up: viewer (dev session) on {stack.gateway_url}/#{fragment}")
     if not stack.endpoint:
         print(
             f"isctl up: dev session {pid} (esaf {args.esaf}), demo dataset {master}. "

@@ -75,6 +75,8 @@ class Stack:
     #: key pair, or the user's ``IS_SESSION_PUBLIC_KEY`` if ``run_dir`` has its private
     #: half. None: only the user's login service can sign sessions for this bridge.
     signing_key: Path | None = None
+    #: The HTTP gateway's base URL (``http://127.0.0.1:<port>``) when it runs, else "".
+    gateway_url: str = ""
 
     @classmethod
     def start(
@@ -85,11 +87,14 @@ class Stack:
         flower_port: int | None = None,
         supervisor: bool = True,
         via_proxy: bool = False,
+        gateway: bool = False,
     ) -> Stack:
         """Start every component; on any failure stop what was started and re-raise.
 
         ``via_proxy`` puts an is-proxy (ROUTER/DEALER) in front, as at LS-CAT: clients
-        talk to its frontend and the bridge connects to its backend.
+        talk to its frontend and the bridge connects to its backend. ``gateway`` starts
+        the HTTP gateway (``is-gateway``) next to the bridge, on ``IS_GATEWAY_PORT`` (0:
+        any free port), and waits until its ``/healthz`` answers.
         """
         _check_settings(settings, via_proxy=via_proxy)
         run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -104,6 +109,8 @@ class Stack:
                 stack._wait_for_path(Path(stack.env["IS_SUPERVISOR_SOCKET"]), "supervisor")
             stack._spawn("bridge", "from bridge.main import main; raise SystemExit(main())")
             stack._wait_for_bridge()
+            if gateway:
+                stack._start_gateway()
             if flower_port:
                 # Dev stack: no credentials configured means a loopback, read-only Flower.
                 args = "[]" if settings.flower_basic_auth else "['--unauthenticated']"
@@ -184,6 +191,38 @@ class Stack:
         self._spawn("proxy", f"from bridge.proxy import main; raise SystemExit(main({args}))")
         self.env.pop("IS_BIND_ENDPOINT")
         self.env["IS_PROXY_ENDPOINT"] = self.proxy_endpoint = backend
+
+    def _start_gateway(self) -> None:
+        address = self.settings.gateway_address
+        port = self.settings.gateway_port or free_port()
+        if port == Settings().gateway_port and not _port_free(address, port):
+            port = free_port()  # the default is taken (another stack): any port will do
+        self.env["IS_GATEWAY_PORT"] = str(port)
+        host = f"[{address}]" if ":" in address else address
+        if address in ("0.0.0.0", "::"):
+            host = "127.0.0.1"
+        self.gateway_url = f"http://{host}:{port}"
+        code = "from bridge.gateway.main import main; raise SystemExit(main())"
+        self._spawn("gateway", code)
+        self._wait_for_gateway()
+
+    def _wait_for_gateway(self, timeout_s: float = 30.0) -> None:
+        """Until ``/healthz`` answers 200 (uvicorn binds after the app is built)."""
+        import urllib.error
+        import urllib.request
+
+        deadline = time.monotonic() + timeout_s
+        while True:
+            self._raise_if_dead()
+            try:
+                with urllib.request.urlopen(f"{self.gateway_url}/healthz", timeout=1.0) as got:
+                    if got.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"gateway did not answer on {self.gateway_url}")
+            time.sleep(0.1)
 
     def _spawn(self, name: str, code: str) -> None:
         self.components.append(Component(name, self._popen(name, code), code))
@@ -270,6 +309,8 @@ class Stack:
         self.components[index] = Component(name, self._popen(name, comp.code), comp.code)
         if name == "bridge":
             self._wait_for_bridge()
+        elif name == "gateway":
+            self._wait_for_gateway()
         elif name == "supervisor":
             self._wait_for_supervisor()
 
@@ -384,6 +425,20 @@ def _passthrough(settings: Settings) -> dict[str, str]:
         if f.name != "extra" and value is not None and value != getattr(defaults, f.name):
             out[f"IS_{f.name.upper()}"] = str(value)
     return out
+
+
+def _port_free(address: str, port: int) -> bool:
+    """True when a TCP listener could bind ``address:port`` now."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((address, port))
+        except OSError:
+            return False
+    return True
 
 
 def dev_user() -> str:

@@ -5,7 +5,7 @@ queues.forkserver --control-fd 7 --parent ... --preload istasks.worker,...``, se
 lines of it) and the local stack's services ``python -c "from ... import main"``. Each
 process names itself instead: ``is-supervisor``, ``is-forkserver``, ``is-worker
 is_<uid>_<gid>@<host>`` (its Celery node name, as Flower and ``isctl status`` show it),
-``is-bridge``, ``is-flower``. setproctitle rewrites the command line (what ``ps``,
+``is-bridge``, ``is-gateway``, ``is-flower``. setproctitle rewrites the command line (what ``ps``,
 ``top -c`` and systemd show) and the kernel's 15-byte name (``top``, ``ps -o comm``).
 """
 
@@ -17,6 +17,7 @@ SUPERVISOR = "is-supervisor"
 FORKSERVER = "is-forkserver"
 WORKER = "is-worker"
 BRIDGE = "is-bridge"
+GATEWAY = "is-gateway"
 FLOWER = "is-flower"
 
 

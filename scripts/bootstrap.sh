@@ -30,6 +30,15 @@ if ! have_build_deps || ! command -v redis-server >/dev/null 2>&1; then
     fi
 fi
 
+# The viewer page's browser test (tests/test_viewer_browser.py) drives Debian's chromium
+# through Playwright; without it that test skips. Root only, like the packages above.
+if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "bootstrap: installing chromium (for the viewer's browser test)"
+    export DEBIAN_FRONTEND=noninteractive
+    { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } \
+        || echo "bootstrap: chromium not installed; the viewer's browser test will skip" >&2
+fi
+
 "$PYTHON" - <<'PY'
 import sys
 if sys.version_info < (3, 11):

@@ -48,6 +48,7 @@ def test_compose_file_matches_the_compose_specification(compose: dict[str, Any])
         "redis-cache",
         "supervisor",
         "bridge",
+        "gateway",
         "flower",
     }
 

@@ -186,6 +186,7 @@ def deployment(
         IS_SECRETS_DIR=str(secret_dir),
         IS_BRIDGE_PORT=str(bridge_port),
         IS_FLOWER_HOST_PORT=str(flower_port),
+        IS_GATEWAY_HOST_PORT=str(_free_port()),  # the gateway's, never a busy 8090
         IS_CHECK_REDIS_PORT=str(redis_port),
         IS_FLOWER_BASIC_AUTH=flower_auth,
         IS_SESSION_REDIS_URL="redis://redis-broker:6380/0",

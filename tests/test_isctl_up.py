@@ -12,9 +12,11 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 import redis
 from PIL import Image
@@ -59,15 +61,18 @@ def test_up_serves_the_printed_command_and_stops_on_ctrl_c(tmp_path: Path) -> No
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     assert up.stdout is not None
-    command = ""
+    command = viewer = ""
     deadline = time.monotonic() + 60
     while not command and time.monotonic() < deadline:
         line = up.stdout.readline()
         assert line, "isctl up exited before printing the fetch command"
         if " get --endpoint " in line:
             command = line.strip()
+        if "viewer (dev session) on " in line:
+            viewer = line.split(" on ", 1)[1].strip()
     children = _children_of(up.pid)
-    assert len(children) >= 3  # redis-server, supervisor, bridge
+    assert len(children) >= 4  # redis-server, supervisor, bridge, gateway
+    _open_the_printed_viewer(viewer)
     argv = shlex.split(command)
     argv[-1] = str(tmp_path / "view.jpg")  # the -o target
     got = subprocess.run(
@@ -83,6 +88,21 @@ def test_up_serves_the_printed_command_and_stops_on_ctrl_c(tmp_path: Path) -> No
     up.stdout.close()
     time.sleep(0.5)
     assert [pid for pid in children if _alive(pid)] == []
+
+
+def _open_the_printed_viewer(url: str) -> None:
+    """The viewer URL isctl up prints works as a browser uses it: page, then the pid of
+    the fragment traded for the session cookie, then a view of the demo dataset."""
+    base, _, fragment = url.partition("/#")
+    given = dict(urllib.parse.parse_qsl(fragment))
+    assert {"pid", "esaf", "fn"} <= set(given), url
+    with httpx.Client(base_url=base, timeout=60) as browser:
+        assert "viewer.js" in browser.get("/").text
+        assert browser.post("/api/v1/session", json={"pid": given["pid"]}).status_code == 200
+        view = browser.get(
+            f"/api/v1/esaf/{given['esaf']}/view", params={"fn": given["fn"], "frame": 2}
+        )
+        assert view.status_code == 200 and view.headers["content-type"] == "image/jpeg"
 
 
 # -- settings the user gave are honoured, never replaced by dev values ---------------------

@@ -117,6 +117,21 @@ class Rendered:
     bval_used: int
 
 
+def prepare_frame(frame: Frame) -> Frame:
+    """``frame`` ready to be reduced any number of times: native order, masked pixels
+    zeroed, counts clamped to the saturation code (the first steps of
+    :func:`reduce_frame`), its array read-only and no mask left to apply. Reducing the
+    result gives exactly what reducing ``frame`` gives; a worker keeps it in its frame
+    LRU so that the tiles of one frame (zoom, pan) need one decode, and being read-only
+    it can be shared by the worker's threads.
+    """
+    pixels = usable_pixels(frame.pixels)
+    pixels = zero_masked(pixels, frame.mask)
+    pixels = clamp_to_saturation(pixels, frame.saturation)
+    pixels.flags.writeable = False
+    return Frame(pixels, None, frame.saturation, frame.meta)
+
+
 def reduce_frame(
     frame: Frame,
     params: ViewParams,

@@ -1,0 +1,199 @@
+"""Zoom tiles, the HTTP gateway against ZeroMQ, and worker memory (issue 13).
+
+The service runs as ``isctl up`` runs it (:class:`ops.stack.Stack` with an is-proxy in
+front and the gateway), on an Eiger2 X 16M dataset (4362 x 4148 uint32, bslz4), 1024 px:
+
+* zoom tiles of the frame on screen over ZeroMQ: frame 1 is viewed, then tiles at zoom
+  2, 4 and 8 (each a view never asked before: a reduction, but no decode, thanks to the
+  worker's frame LRU, ``IS_FRAME_LRU_MAX_BYTES``);
+* warm view (the same view again) one client at a time, over ZeroMQ (REQ -> is-proxy ->
+  bridge) and over HTTP (httpx keep-alive -> uvicorn gateway): the difference of p50s;
+* 16 HTTP clients (threads, one keep-alive connection each) asking warm views ~10 s;
+* the worker's RSS after 50 distinct cold frames (the frame LRU must keep it bounded).
+
+Run: ``.venv/bin/python -m bench gateway``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench.bench_e2e import (
+    Target,
+    data_directory,
+    latency_rows,
+    percentiles,
+    stop_stack,
+    view_ms,
+    worker_pids,
+)
+from istasks.settings import Settings
+from ops.client import request
+from ops.stack import Stack, dev_user
+from ops.testdata.eiger import write_eiger2_16m
+
+#: Frames: 1 on screen, then 50 distinct cold ones for the memory figure.
+N_FRAMES = 52
+COLD_FRAMES = 50
+XSIZE = 1024
+WARM_REQUESTS = 300
+HTTP_CLIENTS = 16
+HTTP_LOAD_S = 10.0
+TIMEOUT_S = 60.0
+
+
+def tile_jobs(target: Target) -> list[dict[str, Any]]:
+    """Every tile of zoom 2 and 4 and a row of zoom 8 of frame 1: 4 + 16 + 8 views."""
+    jobs = []
+    for zoom, cols, rows in ((2, 2, 2), (4, 4, 4), (8, 8, 1)):
+        for row in range(rows):
+            for col in range(cols):
+                jobs.append(target.job(target.master, 1, zoom=zoom, segcol=col, segrow=row))
+    return jobs
+
+
+def tile_rows(target: Target) -> list[dict[str, Any]]:
+    endpoint = target.stack.endpoint
+    view_ms(endpoint, target.job(target.master, 1))  # the frame on screen (decoded once)
+    samples = [view_ms(endpoint, job) for job in tile_jobs(target)]
+    return latency_rows("zoom tile of the frame on screen 16M->1024, ZeroMQ", samples, 15.0, "")
+
+
+def http_view_ms(client: httpx.Client, target: Target, **extra: Any) -> float:
+    started = time.perf_counter()
+    response = client.get(
+        "/api/v1/esaf/0/view",
+        params={"fn": str(target.master), "frame": 1, "xsize": XSIZE, **extra},
+    )
+    elapsed_ms = (time.perf_counter() - started) * 1000
+    if response.status_code != 200 or response.headers["content-type"] != "image/jpeg":
+        raise RuntimeError(f"gateway: {response.status_code} {response.text[:200]}")
+    return elapsed_ms
+
+
+def _client(target: Target) -> httpx.Client:
+    return httpx.Client(
+        base_url=target.stack.gateway_url,
+        headers={"Authorization": f"Bearer {target.pid}"},
+        timeout=TIMEOUT_S,
+    )
+
+
+def warm_compare_rows(target: Target) -> list[dict[str, Any]]:
+    """The same warm view over ZeroMQ and over HTTP, interleaved in blocks so both see
+    the same machine load."""
+    zmq_ms: list[float] = []
+    http_ms: list[float] = []
+    job = target.job(target.master, 1)
+    with _client(target) as client:
+        for _ in range(20):
+            view_ms(target.stack.endpoint, job)
+            http_view_ms(client, target)
+        for _ in range(WARM_REQUESTS // 50):
+            zmq_ms += [view_ms(target.stack.endpoint, job) for _ in range(50)]
+            http_ms += [http_view_ms(client, target) for _ in range(50)]
+    zmq_p50, http_p50 = percentiles(zmq_ms)[0], percentiles(http_ms)[0]
+    return [
+        *latency_rows("warm view 16M->1024, ZeroMQ via is-proxy", zmq_ms, 10.0, ""),
+        *latency_rows("warm view 16M->1024, HTTP gateway", http_ms, "", ""),
+        {"name": "gateway's extra p50 over ZeroMQ, warm view", "target": 1.0,
+         "measured": http_p50 - zmq_p50, "unit": "ms"},
+    ]  # fmt: skip
+
+
+def http_load_rows(target: Target) -> list[dict[str, Any]]:
+    counts = {"ok": 0, "bad": 0}
+    latencies: list[float] = []
+    lock = threading.Lock()
+    stop_at = time.monotonic() + HTTP_LOAD_S
+
+    def loop() -> None:
+        ok = bad = 0
+        mine: list[float] = []
+        with _client(target) as client:
+            while time.monotonic() < stop_at:
+                try:
+                    mine.append(http_view_ms(client, target))
+                    ok += 1
+                except (RuntimeError, httpx.HTTPError):
+                    bad += 1
+        with lock:
+            counts["ok"] += ok
+            counts["bad"] += bad
+            latencies.extend(mine)
+
+    threads = [threading.Thread(target=loop) for _ in range(HTTP_CLIENTS)]
+    started = time.monotonic()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.monotonic() - started
+    p50, p99 = percentiles(latencies or [float("nan")])
+    label = f"{HTTP_CLIENTS} HTTP clients, same warm view"
+    return [
+        {"name": f"{label}: views/s", "target": 300.0, "measured": counts["ok"] / elapsed,
+         "unit": "views/s", "better": "higher"},
+        {"name": f"{label}: failed requests", "target": 0, "measured": counts["bad"],
+         "unit": "requests"},
+        {"name": f"{label}: latency p50", "target": "", "measured": p50, "unit": "ms"},
+        {"name": f"{label}: latency p99", "target": "", "measured": p99, "unit": "ms"},
+    ]  # fmt: skip
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def memory_rows(target: Target) -> list[dict[str, Any]]:
+    endpoint = target.stack.endpoint
+    cold = [view_ms(endpoint, target.job(target.master, f)) for f in range(2, 2 + COLD_FRAMES)]
+    (pid,) = worker_pids(target.stack).values()
+    budget = Settings().frame_lru_max_bytes / 2**20
+    return [
+        *latency_rows(f"cold view 16M->1024 ({COLD_FRAMES} distinct frames)", cold, 120.0, ""),
+        {"name": f"worker RSS after {COLD_FRAMES} distinct cold frames "
+                 f"(frame LRU {budget:.0f} MiB)", "target": "", "measured": rss_mb(pid),
+         "unit": "MiB"},
+    ]  # fmt: skip
+
+
+def run() -> list[dict[str, Any]]:
+    """Rows for ``make bench`` (see the module docstring)."""
+    data = data_directory("is-bench-gw-")
+    stack: Stack | None = None
+    try:
+        master = write_eiger2_16m(data, nimages=N_FRAMES)
+        for item in data.iterdir():
+            item.chmod(0o644)
+        settings = Settings(worker_idle_s=600, view_timeout_s=TIMEOUT_S, gateway_port=0)
+        run_dir = data_directory("is-bench-gw-run-")
+        stack = Stack.start(run_dir, settings, via_proxy=True, gateway=True)
+        target = Target(stack, stack.add_session([0], user=dev_user()), master, [])
+        request(stack.endpoint, {"type": "jpeg", "pid": target.pid, "esaf": 0, "xsize": 64},
+                timeout_s=TIMEOUT_S)  # fmt: skip
+        rows = tile_rows(target)
+        rows += warm_compare_rows(target)
+        rows += http_load_rows(target)
+        rows += memory_rows(target)
+        if dead := stack.dead():
+            raise RuntimeError(f"components died during the benchmark: {dead}")
+        return rows
+    finally:
+        if stack is not None:
+            stop_stack(stack)
+        shutil.rmtree(data, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    for result in run():
+        print(result)
