@@ -20,6 +20,7 @@ ENSURE = f"{PREFIX}:ensure"  # supervisor request channel
 PROGRESS = f"{PREFIX}:progress"  # progress channels (index: one per identity)
 RESULTS = f"{PREFIX}:res"  # Celery result keys and channels, per identity
 SEEN = f"{PREFIX}:seen"  # sessions a bridge verified, per (pid, esaf): "(7)" after logout
+HEARTBEAT = f"{PREFIX}:hb"  # workers' liveness across hosts, per identity and host
 
 #: How long "this session was verified here" outlives the session's last verification.
 #: The original remembered it for the life of the per-(pid, esaf) process, i.e. until
@@ -67,6 +68,23 @@ def result_prefix(uid: int, gid: int) -> str:
     """Celery ``global_keyprefix`` of an identity's worker: its results are stored and
     published under ``is:res:<uid>:<gid>:celery-task-meta-<task id>``."""
     return f"{RESULTS}:{uid}:{gid}:"
+
+
+def heartbeat_hosts_key(uid: int, gid: int) -> str:
+    """Set of the hosts whose worker of identity ``uid:gid`` has sent a heartbeat (the
+    bridge drops a host from it once its heartbeat key has expired)."""
+    return f"{HEARTBEAT}:{uid}:{gid}"
+
+
+def heartbeat_key(uid: int, gid: int, host: str) -> str:
+    """The heartbeat of identity ``uid:gid``'s worker on ``host``: expires unless renewed,
+    so a host lost with its worker is seen by every bridge (queues.liveness)."""
+    return f"{HEARTBEAT}:{uid}:{gid}:{host}"
+
+
+def heartbeat_patterns(uid: int, gid: int) -> list[str]:
+    """Key patterns of the identity's heartbeats (for its Redis ACL user)."""
+    return [heartbeat_hosts_key(uid, gid), f"{heartbeat_hosts_key(uid, gid)}:*"]
 
 
 def progress_channel(uid: int, gid: int) -> str:

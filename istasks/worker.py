@@ -17,8 +17,8 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
-import socket
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -34,7 +34,8 @@ from istasks.broker import use_pooled_client
 from istasks.logs import configure_logging
 from istasks.settings import Settings, get_settings
 from queues.envelope import queue_key as derive_queue_key
-from queues.naming import parse_queue_name
+from queues.liveness import Heartbeat
+from queues.naming import Identity, parse_queue_name
 
 log = logging.getLogger(__name__)
 
@@ -71,9 +72,13 @@ def serve(
     app.conf.result_backend = f"{__name__}:StoreOnlyBackend+{settings.results}"
     use_pooled_client(app, settings.broker)
     register(app, WorkerContext(queue, queue_key, settings, service))
-    node = hostname or f"is_{identity.uid}_{identity.gid}@{socket.gethostname()}"
+    node = hostname or f"is_{identity.uid}_{identity.gid}@{settings.host}"
+
+    heartbeat = _heartbeat(settings, identity, node)
 
     def _ready(**_: object) -> None:
+        if heartbeat is not None:
+            heartbeat.start()  # consuming now: other hosts' bridges may count on it
         log.info(
             "worker %s ready on %s in %.0f ms", node, queue, (time.monotonic() - started) * 1e3
         )
@@ -96,9 +101,36 @@ def serve(
     try:
         worker.start()
     finally:
+        if heartbeat is not None:
+            heartbeat.stop()
         service.close()
     if worker.exitcode:
         raise SystemExit(worker.exitcode)
+
+
+def _heartbeat(settings: Settings, identity: Identity, node: str) -> Heartbeat | None:
+    """The worker's liveness heartbeat (queues.liveness) listing its running tasks, so
+    that every host's bridge sees it alive, and sees it go; None without a broker URL."""
+    if not settings.broker:
+        return None
+    running: set[str] = set()
+    lock = threading.Lock()
+
+    def _prerun(task_id: str = "", **_: object) -> None:
+        with lock:
+            running.add(task_id)
+
+    def _postrun(task_id: str = "", **_: object) -> None:
+        with lock:
+            running.discard(task_id)
+
+    def _active() -> list[str]:
+        with lock:
+            return list(running)
+
+    signals.task_prerun.connect(_prerun, weak=False)
+    signals.task_postrun.connect(_postrun, weak=False)
+    return Heartbeat(settings.broker, identity, settings.host, node, _active)
 
 
 class WakingThreadPool(TaskPool):  # type: ignore[misc]
