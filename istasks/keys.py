@@ -46,6 +46,14 @@ def lock_key(gid: int, cache_key: str) -> str:
     return f"{LOCK}:{gid}:{cache_key}"
 
 
+def holder_alive_key(gid: int, holder: str) -> str:
+    """Renewed (with a TTL) by a worker process while it lives, named by its cache-lock
+    holder id ``<pid>@<hostname>``: a worker of another host waiting on its lock can
+    tell it is gone (istasks.cache, queues.liveness). Under the gid's lock keys, so the
+    ACL of every worker of the ESAF reaches it."""
+    return f"{LOCK}:{gid}:alive:{holder}"
+
+
 def seen_session_key(pid: str, esaf: int) -> str:
     """Marker that session ``pid`` was verified for ``esaf`` (in the broker Redis, shared
     by every bridge). The pid is a bearer token, so the key holds a digest, never the pid."""

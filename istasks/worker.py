@@ -130,7 +130,9 @@ def _heartbeat(settings: Settings, identity: Identity, node: str) -> Heartbeat |
 
     signals.task_prerun.connect(_prerun, weak=False)
     signals.task_postrun.connect(_postrun, weak=False)
-    return Heartbeat(settings.broker, identity, settings.host, node, _active)
+    return Heartbeat(
+        settings.broker, identity, settings.host, node, _active, cache_url=settings.cache
+    )
 
 
 class WakingThreadPool(TaskPool):  # type: ignore[misc]

@@ -11,7 +11,10 @@ sees the same Redis, so each worker renews a key of its own there:
   every :data:`INTERVAL_S` with a TTL of :data:`TTL_S`: a host that loses power, its
   network or every process stops renewing it, and it expires;
 - ``is:hb:<uid>:<gid>`` = the set of hosts that beat for the identity (SET and SADD go
-  in one transaction, so a member without a key has expired or stopped).
+  in one transaction, so a member without a key has expired or stopped);
+- ``is:lock:<gid>:alive:<pid>@<hostname>`` in the cache Redis, same TTL: a worker of
+  another host waiting on this process's computation lock sees it gone (istasks.cache)
+  instead of waiting out the lock's TTL.
 
 A worker lost is therefore seen by every bridge at most ``TTL_S`` plus one poll after
 it stopped beating. ``boot`` is new in every worker process, so a worker restarted on
@@ -26,7 +29,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import secrets
+import socket
 import threading
 import time
 from collections import deque
@@ -35,7 +40,7 @@ from dataclasses import dataclass, field
 
 import redis
 
-from istasks.keys import heartbeat_hosts_key, heartbeat_key
+from istasks.keys import heartbeat_hosts_key, heartbeat_key, holder_alive_key
 from queues.naming import Identity
 
 log = logging.getLogger(__name__)
@@ -111,12 +116,21 @@ class Heartbeat:
         node: str,
         active: Callable[[], Iterable[str]] = tuple,
         *,
+        cache_url: str | None = None,
         interval_s: float = INTERVAL_S,
         ttl_s: float = TTL_S,
     ) -> None:
         self._client = redis.Redis.from_url(
             url, socket_timeout=_TIMEOUT_S, socket_connect_timeout=_TIMEOUT_S
         )
+        self._cache = None
+        if cache_url is not None and cache_url != url:
+            self._cache = redis.Redis.from_url(
+                cache_url, socket_timeout=_TIMEOUT_S, socket_connect_timeout=_TIMEOUT_S
+            )
+        # istasks.cache's lock holder id of this process: <pid>@<hostname>
+        self._alive = holder_alive_key(identity.gid, f"{os.getpid()}@{socket.gethostname()}")
+        self._with_alive = cache_url is not None
         self._key = heartbeat_key(identity.uid, identity.gid, host)
         self._hosts = heartbeat_hosts_key(identity.uid, identity.gid)
         self._host = host
@@ -142,10 +156,16 @@ class Heartbeat:
             pipe = self._client.pipeline(transaction=True)
             pipe.delete(self._key)
             pipe.srem(self._hosts, self._host)
+            if self._with_alive and self._cache is None:
+                pipe.delete(self._alive)
             pipe.execute()
+            if self._cache is not None:
+                self._cache.delete(self._alive)
         except redis.RedisError as exc:
             log.debug("heartbeat removal failed: %s", exc)
         self._client.close()
+        if self._cache is not None:
+            self._cache.close()
 
     def beat(self) -> None:
         """Renew the key (and the host's membership) in one transaction."""
@@ -153,7 +173,11 @@ class Heartbeat:
         pipe = self._client.pipeline(transaction=True)
         pipe.set(self._key, json.dumps(value, separators=(",", ":")), px=self._ttl_ms)
         pipe.sadd(self._hosts, self._host)
+        if self._with_alive and self._cache is None:
+            pipe.set(self._alive, b"1", px=self._ttl_ms)
         pipe.execute()
+        if self._cache is not None:
+            self._cache.set(self._alive, b"1", px=self._ttl_ms)
 
     def _run(self) -> None:
         while not self._stopping.wait(self._interval_s):

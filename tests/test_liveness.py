@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import redis
 
-from istasks.keys import heartbeat_hosts_key, heartbeat_key
+from istasks.keys import heartbeat_hosts_key, heartbeat_key, holder_alive_key
 from istasks.settings import Settings
 from queues.liveness import INTERVAL_S, POLL_TTL_S, TTL_S, Heartbeat, Liveness
 from queues.naming import Identity
@@ -124,3 +125,14 @@ def test_settings_name_the_host_and_its_esafs() -> None:
     assert settings.serves_esaf(6001) and not settings.serves_esaf(7000)
     assert Settings().serves_esaf(7000) and Settings().esafs is None
     assert Settings().host  # the hostname
+
+
+def test_the_beat_keeps_the_processs_lock_holder_alive(redis_url: str) -> None:
+    """The cache-lock holder id of this process (istasks.cache) lives as long as the beat."""
+    alive = holder_alive_key(5001, f"{os.getpid()}@{socket.gethostname()}")
+    client = redis.Redis.from_url(redis_url)
+    beat = Heartbeat(redis_url, IDENTITY, "hosta", "n@hosta", cache_url=redis_url)
+    beat.start()
+    assert 0 < client.pttl(alive) <= TTL_S * 1000
+    beat.stop()
+    assert not client.exists(alive)

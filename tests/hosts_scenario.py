@@ -1,0 +1,423 @@
+"""Several hosts on one broker, run for real: the broker host's Redis and is-proxy, two
+worker hosts (each a stack of supervisor + bridge, ops.stack), a load, one host killed.
+
+``python -m tests.hosts_scenario --broker-ip IP --host NAME[=NETNS] ... --data DIR
+--run DIR`` prints one JSON object of counts and times. It runs on the broker host: in
+tests/test_hosts.py that is the broker's network namespace, each worker host a network
+namespace of its own with its own UTS namespace (hostname), so that all traffic stays
+inside the namespaces; without ``=NETNS`` a host is a set of processes on this machine
+that calls itself NAME (``IS_HOST_NAME``), which needs no root.
+
+Steps: every host serves the identity (both heartbeats seen); a view reduced on one host
+is a Redis cache hit on the other; under a load of clients one host loses every process
+(SIGKILL of everything in its namespace, or of its processes); the requests are counted
+as answered, answered with an error, and lost; later requests all go to the survivor;
+the lost host comes back and takes work again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import redis
+import zmq
+
+from istasks import keys
+from istasks.settings import Settings
+from ops.devsession import ensure_keypair, isauth_for, sign_isauth, write_session
+from ops.stack import Stack, dev_user
+
+#: A request with no reply within this is counted lost (the view deadline is 10 s).
+LOST_AFTER_S = 15.0
+#: The identity's worker of every host is up within this.
+WARM_S = 60.0
+
+
+@dataclass
+class Host:
+    """One worker host: its name, its network namespace (or none) and its stack."""
+
+    name: str
+    netns: str | None
+    run: Path
+    stack: Stack | None = None
+
+    @property
+    def prefix(self) -> tuple[str, ...]:
+        """Command prefix: into its namespaces with its hostname, or its name by setting."""
+        if self.netns is None:
+            return ()
+        script = 'hostname "$0" && exec "$@"'
+        return ("ip", "netns", "exec", self.netns, "unshare", "--uts", "sh", "-c", script,
+                self.name)  # fmt: skip
+
+    def pids(self) -> list[int]:
+        """Every process of this host."""
+        if self.netns is not None:
+            out = subprocess.run(
+                ["ip", "netns", "pids", self.netns], capture_output=True, text=True, check=False
+            ).stdout
+            return [int(p) for p in out.split()]
+        assert self.stack is not None
+        roots = [c.process.pid for c in self.stack.components if c.process.poll() is None]
+        return roots + _descendants(roots)
+
+
+@dataclass
+class Load:
+    """Counts of one load run."""
+
+    sent: int = 0
+    ok: int = 0
+    errors: list[str] = field(default_factory=list)
+    lost: int = 0
+    # Requests sent before the kill and answered after it: the longest wait after it.
+    worst_after_kill_s: float = 0.0
+    errors_after_kill: int = 0
+    sent_after_settle: int = 0
+    ok_after_settle: int = 0
+    latencies_ms: list[float] = field(default_factory=list)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--broker-ip", default="127.0.0.1")
+    parser.add_argument("--host", action="append", required=True, help="NAME or NAME=NETNS")
+    parser.add_argument("--data", required=True, type=Path)
+    parser.add_argument("--run", required=True, type=Path)
+    parser.add_argument("--clients", type=int, default=6)
+    parser.add_argument("--load-s", type=float, default=12.0)
+    parser.add_argument("--kill-at-s", type=float, default=4.0)
+    args = parser.parse_args(argv)
+    hosts = []
+    for spec in args.host:
+        name, _, netns = spec.partition("=")
+        hosts.append(Host(name, netns or None, args.run / name))
+    result: dict[str, Any] = {}
+    with _broker(args.broker_ip, args.run) as (redis_url, frontend, backend):
+        try:
+            _run(args, hosts, redis_url, frontend=frontend, backend=backend, result=result)
+        finally:
+            for host in hosts:
+                if host.stack is not None:
+                    host.stack.stop(grace_s=5.0)
+    print(json.dumps(result))
+    return 0
+
+
+def _run(
+    args: argparse.Namespace,
+    hosts: list[Host],
+    redis_url: str,
+    *,
+    frontend: str,
+    backend: str,
+    result: dict[str, Any],
+) -> None:
+    private, public = ensure_keypair(args.run)
+    secret = args.run / "task-secret"
+    secret.write_text(secrets.token_hex(32))
+    secret.chmod(0o600)
+    admin = redis.Redis.from_url(redis_url)
+    pid = f"hosts-{secrets.token_hex(4)}"
+    text, sig = sign_isauth(private.read_bytes(), isauth_for(pid, dev_user(), [0]))
+    write_session(admin, pid, text, sig)
+
+    def start(host: Host) -> None:
+        settings = Settings(
+            redis_url=redis_url, proxy_endpoint=backend, task_secret_file=str(secret),
+            session_public_key=str(public), host_name=None if host.netns else host.name,
+            view_timeout_s=10.0, worker_idle_s=300.0, log_level="INFO",
+        )  # fmt: skip
+        host.stack = Stack.start(host.run, settings, command_prefix=host.prefix)
+
+    for host in hosts:
+        start(host)
+    job = {"type": "jpeg", "pid": pid, "esaf": 0, "fn": str(args.data / "x_master.h5")}
+    names = sorted(h.name for h in hosts)
+
+    # 1. every host serves the identity
+    started = time.monotonic()
+    identity = _warm(frontend, job, admin, names)
+    result["identity"] = identity
+    result["warm_s"] = round(time.monotonic() - started, 2)
+    result["heartbeats"] = _beating(admin, identity)
+    result["acl_users"] = sorted(
+        name for name in map(_text, admin.acl_users()) if name.startswith("is_w_")
+    )
+
+    # 2. the cache is shared: one view, computed once, then Redis hits
+    gid = int(identity.split(":")[1])
+    before = _stats(admin, gid)
+    view = {**job, "frame": 3, "xsize": 333}
+    replies = [_request(frontend, view) for _ in range(8)]
+    after = _stats(admin, gid)
+    result["cache"] = {
+        "ok": sum(r is not None and r[0] == b"" for r in replies),
+        "computed": after["computed"] - before["computed"],
+        "redis_hits": after["hits"] - before["hits"],
+    }
+
+    # 3. one host loses every process under load
+    victim = hosts[-1]
+    load = Load()
+    kill_at = time.monotonic() + args.kill_at_s
+    settle_at = kill_at + 2.5
+    end_at = time.monotonic() + args.load_s
+    threads = [
+        threading.Thread(
+            target=_client,
+            args=(frontend, job, n),
+            kwargs={"times": (end_at, kill_at, settle_at), "load": load},
+        )
+        for n in range(args.clients)
+    ]
+    for thread in threads:
+        thread.start()
+    time.sleep(max(0.0, kill_at - time.monotonic()))
+    killed = _kill_all(victim)
+    result["killed_processes"] = killed
+    result["kill_took_s"] = round(time.monotonic() - kill_at, 2)
+    seen_gone_at = _wait(lambda: victim.name not in _beating(admin, identity), 10.0)
+    result["heartbeat_gone_s"] = round(seen_gone_at - kill_at, 2) if seen_gone_at else None
+    for thread in threads:
+        thread.join()
+    load.latencies_ms.sort()
+    summary = asdict(load)
+    summary["p50_ms"] = _pct(load.latencies_ms, 0.5)
+    summary["p99_ms"] = _pct(load.latencies_ms, 0.99)
+    del summary["latencies_ms"]
+    result["load"] = summary
+    survivor_logs = [(h.run / "bridge.log") for h in hosts if h is not victim]
+    result["retried"] = sum(
+        p.read_text(errors="replace").count("sent again") for p in survivor_logs
+    )
+    assert victim.stack is not None
+    victim.stack.components.clear()  # all dead: nothing to stop
+
+    # 4. the lost host comes back and takes work again
+    victim_log = victim.run / "bridge.log"
+    answered_before = _count_answers(victim_log)
+    start(victim)
+    back_at = _wait(lambda: victim.name in _beating(admin, identity), 30.0, poke=(frontend, job))
+    result["came_back"] = back_at is not None
+    served = [_request(frontend, {**job, "frame": 1 + n % 4, "xsize": 150 + n}) for n in range(12)]
+    result["after_return_ok"] = sum(r is not None and r[0] == b"" for r in served)
+    result["victim_answers_after_return"] = _count_answers(victim_log) - answered_before
+
+
+def _client(
+    frontend: str,
+    job: dict[str, Any],
+    n: int,
+    *,
+    times: tuple[float, float, float],
+    load: Load,
+) -> None:
+    """One is.js-like client: one request at a time, each an uncached view, until
+    ``times`` = (end, kill, settle)."""
+    end_at, kill_at, settle_at = times
+    count = 0
+    while time.monotonic() < end_at:
+        count += 1
+        view = {**job, "frame": 1 + count % 4, "xsize": 200 + n * 97 + count}
+        sent = time.monotonic()
+        reply = _request(frontend, view, timeout_s=LOST_AFTER_S)
+        done = time.monotonic()
+        load.sent += 1
+        if sent >= settle_at:
+            load.sent_after_settle += 1
+        if reply is None:
+            load.lost += 1
+            continue
+        if reply[0] == b"":
+            load.ok += 1
+            load.latencies_ms.append((done - sent) * 1000)
+            if sent >= settle_at:
+                load.ok_after_settle += 1
+        else:
+            load.errors.append(reply[0].decode(errors="replace")[:200])
+            if done >= kill_at:
+                load.errors_after_kill += 1
+        if sent < kill_at <= done:
+            load.worst_after_kill_s = max(load.worst_after_kill_s, done - kill_at)
+
+
+def _request(endpoint: str, job: dict[str, Any], *, timeout_s: float = 30.0) -> list[bytes] | None:
+    """One REQ round trip; None when no reply came within ``timeout_s``."""
+    sock: zmq.Socket[Any] = zmq.Context.instance().socket(zmq.REQ)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.connect(endpoint)
+        sock.send(json.dumps(job).encode())
+        if not sock.poll(int(timeout_s * 1000)):
+            return None
+        reply: list[bytes] = sock.recv_multipart()
+        return reply
+    finally:
+        sock.close(linger=0)
+
+
+def _warm(frontend: str, job: dict[str, Any], admin: redis.Redis, names: list[str]) -> str:
+    """Send views until every host's worker beats; the identity ``uid:gid``."""
+    deadline = time.monotonic() + WARM_S
+    while time.monotonic() < deadline:
+        reply = _request(frontend, {**job, "xsize": 256}, timeout_s=20.0)
+        if reply is None or reply[0] != b"":
+            raise RuntimeError(f"warm-up view failed: {reply!r:.300}")
+        for key in admin.scan_iter(f"{keys.HEARTBEAT}:*"):
+            parts = key.decode().split(":")
+            if len(parts) == 4:  # the hosts set of one identity
+                identity = f"{parts[2]}:{parts[3]}"
+                if _beating(admin, identity) == names:
+                    return identity
+        time.sleep(0.1)
+    raise RuntimeError(f"not every host beats after {WARM_S} s")
+
+
+def _beating(admin: redis.Redis, identity: str) -> list[str]:
+    """Hosts whose worker of ``identity`` has a live heartbeat."""
+    uid, gid = (int(x) for x in identity.split(":"))
+    hosts = sorted(h.decode() for h in admin.smembers(keys.heartbeat_hosts_key(uid, gid)))
+    return [h for h in hosts if admin.exists(keys.heartbeat_key(uid, gid, h))]
+
+
+def _stats(admin: redis.Redis, gid: int) -> dict[str, int]:
+    names = ("computed", "hits")
+    values = admin.mget([keys.stats_key(gid, n) for n in names])
+    return {n: int(v or 0) for n, v in zip(names, values, strict=True)}
+
+
+def _kill_all(host: Host) -> int:
+    """SIGKILL every process of ``host`` until none is left; how many there were."""
+    killed: set[int] = set()
+    for _ in range(50):
+        pids = [p for p in host.pids() if p != os.getpid()]
+        if not pids:
+            break
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            killed.add(pid)
+        time.sleep(0.05)
+    if host.stack is not None:
+        for comp in host.stack.components:
+            with contextlib.suppress(ChildProcessError):
+                comp.process.wait(timeout=5)
+    return len(killed)
+
+
+def _descendants(roots: list[int]) -> list[int]:
+    """Pids whose ancestry (ppid chain) leads to one of ``roots`` (a host without netns;
+    the supervisor re-parents its workers to itself)."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                state, ppid = (entry / "stat").read_text().rpartition(")")[2].split()[:2]
+                if state != "Z":  # dead already, waiting to be reaped
+                    parents[int(entry.name)] = int(ppid)
+    found: set[int] = set()
+    frontier = set(roots)
+    while frontier:
+        frontier = {pid for pid, ppid in parents.items() if ppid in frontier} - found
+        found |= frontier
+    return sorted(found)
+
+
+def _wait(
+    predicate: Any, timeout_s: float, poke: tuple[str, dict[str, Any]] | None = None
+) -> float | None:
+    """time.monotonic() when ``predicate()`` held, None after ``timeout_s``; ``poke``
+    sends a view now and then (a host's worker starts on its bridge's first request)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return time.monotonic()
+        if poke is not None:
+            _request(poke[0], {**poke[1], "xsize": 180}, timeout_s=10.0)
+        time.sleep(0.05)
+    return None
+
+
+def _count_answers(log: Path) -> int:
+    """Requests a bridge answered with success, from its request log lines."""
+    if not log.exists():
+        return 0
+    return log.read_text(errors="replace").count(" outcome=ok ")
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    return round(values[min(len(values) - 1, int(q * len(values)))], 1)
+
+
+@contextlib.contextmanager
+def _broker(ip: str, run: Path) -> Iterator[tuple[str, str, str]]:
+    """The broker host: a redis-server and an is-proxy bound to ``ip``."""
+    run.mkdir(parents=True, exist_ok=True)
+    port, front, back = 16379, 17001, 17002
+    if ip == "127.0.0.1":
+        from ops.redisserver import free_port
+
+        port, front, back = free_port(), free_port(), free_port()
+    redis_log = open(run / "redis.log", "wb")  # noqa: SIM115 - closed below
+    # Reached from other hosts: a password, as any Redis off loopback needs.
+    password = secrets.token_hex(16)
+    server = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", ip, "--save", "", "--appendonly", "no",
+         "--requirepass", password],
+        stdout=redis_log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    frontend, backend = f"tcp://{ip}:{front}", f"tcp://{ip}:{back}"
+    argv = ["--frontend", frontend, "--backend", backend]
+    code = f"from bridge.proxy import main; raise SystemExit(main({argv!r}))"
+    proxy_log = open(run / "proxy.log", "wb")  # noqa: SIM115 - closed below
+    proxy = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=proxy_log, stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )  # fmt: skip
+    url = f"redis://:{password}@{ip}:{port}/0"
+    try:
+        if _wait(lambda: _pings(url), 10.0) is None:
+            raise RuntimeError("broker redis-server did not come up")
+        yield url, frontend, backend
+    finally:
+        for proc in (proxy, server):
+            proc.terminate()
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        redis_log.close()
+        proxy_log.close()
+
+
+def _pings(url: str) -> bool:
+    try:
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=0.5).ping())
+    except redis.RedisError:
+        return False
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
