@@ -107,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         name, _, netns = spec.partition("=")
         hosts.append(Host(name, netns or None, args.run / name))
     result: dict[str, Any] = {}
-    with _broker(args.broker_ip, args.run) as (redis_url, frontend, backend):
+    with _broker(args.broker_ip, args.run) as (redis_url, frontend, backend, broker_pids):
+        result["broker_pids"] = broker_pids
         try:
             _run(args, hosts, redis_url, frontend=frontend, backend=backend, result=result)
         finally:
@@ -171,35 +172,28 @@ def _run(
         "redis_hits": after["hits"] - before["hits"],
     }
 
+    # 2b. CPU cost per request and component, under load: uncached views, then cached
+    result["cpu"] = {
+        "uncached": _measure(args, frontend, job, hosts, result["broker_pids"], base=600),
+        "cached": _measure(args, frontend, job, hosts, result["broker_pids"], base=0),
+    }
+
     # 3. one host loses every process under load
     victim = hosts[-1]
-    load = Load()
-    kill_at = time.monotonic() + args.kill_at_s
-    settle_at = kill_at + 2.5
-    end_at = time.monotonic() + args.load_s
-    threads = [
-        threading.Thread(
-            target=_client,
-            args=(frontend, job, n),
-            kwargs={"times": (end_at, kill_at, settle_at), "load": load},
-        )
-        for n in range(args.clients)
-    ]
-    for thread in threads:
-        thread.start()
-    time.sleep(max(0.0, kill_at - time.monotonic()))
-    killed = _kill_all(victim)
-    result["killed_processes"] = killed
-    result["kill_took_s"] = round(time.monotonic() - kill_at, 2)
-    seen_gone_at = _wait(lambda: victim.name not in _beating(admin, identity), 10.0)
+    watcher: list[threading.Thread] = []
+    gone_at: list[float | None] = []
+
+    def kill_host() -> int:
+        killed = _kill_all(victim)
+        gone = lambda: victim.name not in _beating(admin, identity)  # noqa: E731
+        watcher.append(threading.Thread(target=lambda: gone_at.append(_wait(gone, 10.0))))
+        watcher[0].start()
+        return killed
+
+    summary, kill_at = _loaded(args, frontend, job, kill_host, result)
+    watcher[0].join()
+    seen_gone_at = gone_at[0]
     result["heartbeat_gone_s"] = round(seen_gone_at - kill_at, 2) if seen_gone_at else None
-    for thread in threads:
-        thread.join()
-    load.latencies_ms.sort()
-    summary = asdict(load)
-    summary["p50_ms"] = _pct(load.latencies_ms, 0.5)
-    summary["p99_ms"] = _pct(load.latencies_ms, 0.99)
-    del summary["latencies_ms"]
     result["load"] = summary
     survivor_logs = [(h.run / "bridge.log") for h in hosts if h is not victim]
     result["retried"] = sum(
@@ -218,6 +212,121 @@ def _run(
     result["after_return_ok"] = sum(r is not None and r[0] == b"" for r in served)
     result["victim_answers_after_return"] = _count_answers(victim_log) - answered_before
 
+    # 5. only the supervisor of one host dies (and so its workers): its bridge lives on
+    # and sends to the other host's worker instead of "worker supervisor unreachable"
+    assert victim.stack is not None
+    supervisor = next(c for c in victim.stack.components if c.name == "supervisor")
+
+    def kill_supervisor() -> int:
+        pids = [supervisor.process.pid, *_descendants([supervisor.process.pid])]
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        supervisor.process.wait()
+        return len(pids)
+
+    answered_before = _count_answers(victim_log)
+    summary, _ = _loaded(args, frontend, job, kill_supervisor, {}, base=150)
+    result["supervisor_lost_load"] = summary
+    result["victim_answers_without_supervisor"] = _count_answers(victim_log) - answered_before
+    victim.stack.components.remove(supervisor)
+
+
+def _loaded(
+    args: argparse.Namespace,
+    frontend: str,
+    job: dict[str, Any],
+    kill: Any,
+    result: dict[str, Any],
+    *,
+    base: int = 200,
+) -> tuple[dict[str, Any], float]:
+    """Clients send views for ``args.load_s``; ``kill()`` runs at ``args.kill_at_s``.
+    The counts, and when the kill began."""
+    load = Load()
+    kill_at = time.monotonic() + args.kill_at_s
+    times = (time.monotonic() + args.load_s, kill_at, kill_at + 2.5)
+    threads = [
+        threading.Thread(
+            target=_client,
+            args=(frontend, job, n),
+            kwargs={"times": times, "load": load, "base": base},
+        )
+        for n in range(args.clients)
+    ]
+    for thread in threads:
+        thread.start()
+    time.sleep(max(0.0, kill_at - time.monotonic()))
+    result["killed_processes"] = kill()
+    result["kill_took_s"] = round(time.monotonic() - kill_at, 2)
+    for thread in threads:
+        thread.join()
+    load.latencies_ms.sort()
+    summary = asdict(load)
+    summary["p50_ms"] = _pct(load.latencies_ms, 0.5)
+    summary["p99_ms"] = _pct(load.latencies_ms, 0.99)
+    del summary["latencies_ms"]
+    return summary, kill_at
+
+
+def _measure(
+    args: argparse.Namespace,
+    frontend: str,
+    job: dict[str, Any],
+    hosts: list[Host],
+    broker: dict[str, int],
+    *,
+    base: int,
+) -> dict[str, Any]:
+    """CPU ms per answered request of each component over a 5 s load (nothing killed):
+    distinct views (``base`` > 0: a new size each, so reduced once and encoded) or one
+    view repeated by every client (``base`` 0: the workers' LRUs answer)."""
+
+    def pids() -> dict[str, list[int]]:
+        out: dict[str, list[int]] = {"redis": [broker["redis"]], "proxy": [broker["proxy"]]}
+        for host in hosts:
+            assert host.stack is not None
+            for comp in host.stack.components:
+                name = "workers" if comp.name == "supervisor" else comp.name
+                out.setdefault(comp.name, []).append(comp.process.pid)
+                if comp.name == "supervisor":  # its children: zygote and workers
+                    out.setdefault(name, []).extend(_descendants([comp.process.pid]))
+        return out
+
+    before = {name: sum(map(_cpu_s, group)) for name, group in pids().items()}
+    wall = time.monotonic()
+    load = Load()
+    end_at = time.monotonic() + 5.0
+    far = end_at + 3600.0
+    threads = [
+        threading.Thread(
+            target=_client,
+            args=(frontend, job, n),
+            kwargs={"times": (end_at, far, far), "load": load, "base": base},
+        )
+        for n in range(args.clients)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wall = time.monotonic() - wall
+    after = {name: sum(map(_cpu_s, group)) for name, group in pids().items()}
+    answered = max(load.ok, 1)
+    per_request = {n: round((after[n] - before.get(n, 0.0)) * 1000 / answered, 3) for n in after}
+    return {"requests": load.ok, "errors": len(load.errors), "per_s": round(load.ok / wall, 1),
+            "cpu_ms_per_request": per_request,
+            "p50_ms": _pct(sorted(load.latencies_ms), 0.5)}  # fmt: skip
+
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of one process (0 once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
 
 def _client(
     frontend: str,
@@ -226,6 +335,7 @@ def _client(
     *,
     times: tuple[float, float, float],
     load: Load,
+    base: int,
 ) -> None:
     """One is.js-like client: one request at a time, each an uncached view, until
     ``times`` = (end, kill, settle)."""
@@ -233,7 +343,9 @@ def _client(
     count = 0
     while time.monotonic() < end_at:
         count += 1
-        view = {**job, "frame": 1 + count % 4, "xsize": 200 + n * 97 + count}
+        view = {**job, "frame": 1 + count % 4, "xsize": base + n * 97 + count}
+        if base == 0:  # one view for everybody: cached
+            view = {**job, "frame": 2, "xsize": 512}
         sent = time.monotonic()
         reply = _request(frontend, view, timeout_s=LOST_AFTER_S)
         done = time.monotonic()
@@ -371,7 +483,7 @@ def _pct(values: list[float], q: float) -> float | None:
 
 
 @contextlib.contextmanager
-def _broker(ip: str, run: Path) -> Iterator[tuple[str, str, str]]:
+def _broker(ip: str, run: Path) -> Iterator[tuple[str, str, str, dict[str, int]]]:
     """The broker host: a redis-server and an is-proxy bound to ``ip``."""
     run.mkdir(parents=True, exist_ok=True)
     port, front, back = 16379, 17001, 17002
@@ -399,7 +511,7 @@ def _broker(ip: str, run: Path) -> Iterator[tuple[str, str, str]]:
     try:
         if _wait(lambda: _pings(url), 10.0) is None:
             raise RuntimeError("broker redis-server did not come up")
-        yield url, frontend, backend
+        yield url, frontend, backend, {"redis": server.pid, "proxy": proxy.pid}
     finally:
         for proc in (proxy, server):
             proc.terminate()

@@ -3,7 +3,8 @@
 Each test runs tests/hosts_scenario.py: a broker host (redis-server, is-proxy) and two
 worker hosts (supervisor + bridge each, from ops.stack) serving one identity; a view
 reduced on one host is a Redis hit on the other; under a load of six one-at-a-time
-clients, every process of one host is SIGKILLed; the lost host is then started again.
+clients, every process of one host is SIGKILLed; the lost host is then started again;
+then only that host's supervisor (and so its workers) is SIGKILLed under load.
 
 - ``test_hosts_in_network_namespaces``: the real thing, as root with ``ip``: three
   network namespaces joined by veth pairs to a Linux bridge inside the broker's
@@ -98,6 +99,12 @@ def _check(result: dict[str, Any], names: list[str]) -> None:
     # The host comes back and takes work again, nothing restarted elsewhere.
     assert result["came_back"] and result["after_return_ok"] == 12
     assert result["victim_answers_after_return"] > 0
+    # Only one host's supervisor (and its workers) dies: its bridge still serves, by the
+    # other host's worker (issue 14: it used to answer "worker supervisor unreachable").
+    alone = result["supervisor_lost_load"]
+    assert alone["errors"] == [] and alone["lost"] == 0, alone
+    assert alone["ok"] == alone["sent"] > 0
+    assert result["victim_answers_without_supervisor"] > 0
 
 
 def test_hosts_as_processes(data_dir: Path, tmp_path: Path) -> None:
