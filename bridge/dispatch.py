@@ -57,7 +57,7 @@ from typing import Any, Protocol
 import redis
 from celery import Celery
 from celery.backends.base import KeyValueStoreBackend
-from celery.backends.redis import RedisBackend
+from celery.backends.redis import RedisBackend, SentinelBackend
 
 from bridge.outcome import Outcome, Reply, exception_outcome
 from bridge.progress import ProgressRelay, parse_progress
@@ -66,6 +66,7 @@ from istasks.broker import use_pooled_client
 from istasks.errors import IdentityError, IsError, WorkerUnavailable
 from istasks.jobs import str_field
 from istasks.keys import PROGRESS, RESULTS, result_prefix
+from istasks.redisconn import celery_url, connect, sentinel_hosts
 from istasks.replies import error_frames, error_text, success_frames
 from istasks.settings import Settings
 from queues.envelope import seal
@@ -144,6 +145,13 @@ class PublishOnlyBackend(RedisBackend):  # type: ignore[misc]
         """Nothing to subscribe to: results come through the listener."""
 
 
+class PublishOnlySentinelBackend(SentinelBackend):  # type: ignore[misc]
+    """:class:`PublishOnlyBackend` behind Redis Sentinel (``IS_REDIS_SENTINELS``)."""
+
+    def on_task_call(self, producer: Any, task_id: str) -> None:
+        """Nothing to subscribe to: results come through the listener."""
+
+
 class CeleryDispatcher:
     """Dispatcher over Celery with the Redis result backend."""
 
@@ -160,8 +168,9 @@ class CeleryDispatcher:
         if not settings.results:
             raise ValueError("no result backend: set IS_RESULT_URL or IS_REDIS_URL")
         # Before anything creates the (per-thread) backend: see PublishOnlyBackend.
-        app.conf.result_backend = f"{__name__}:PublishOnlyBackend+{settings.results}"
-        use_pooled_client(app, settings.broker)
+        backend = "PublishOnlySentinelBackend" if sentinel_hosts(settings) else "PublishOnlyBackend"
+        app.conf.result_backend = f"{__name__}:{backend}+{celery_url(settings.results, settings)}"
+        use_pooled_client(app, celery_url(settings.broker, settings))
         self._app = app
         self._settings = settings
         self._pool = pool
@@ -174,7 +183,7 @@ class CeleryDispatcher:
         # Other hosts' workers (heartbeats in the broker Redis): only with a pool, whose
         # workers beat; without one (tests, hand-started workers) nothing is watched.
         if liveness is None and pool is not None and settings.broker:
-            liveness = Liveness(settings.broker)
+            liveness = Liveness(settings.broker, settings=settings)
         self._liveness = liveness
         self._pending: dict[str, _Pending] = {}
         self._lock = threading.Lock()
@@ -183,7 +192,7 @@ class CeleryDispatcher:
             max_senders, thread_name_prefix="is-dispatch-send"
         )
         self._relay = ProgressRelay(settings.sessions) if settings.sessions else None
-        self._listener = _ResultListener(app, settings.results, self._id_prefix, self)
+        self._listener = _ResultListener(app, settings, self._id_prefix, self)
         self._watchdog = threading.Thread(target=self._watch, name="is-dispatch-watch", daemon=True)
         self._listener.start()
         self._watchdog.start()
@@ -511,10 +520,14 @@ class _ResultListener(threading.Thread):
     identity's prefix (``is:res:*:celery-task-meta-<our prefix>*``) and the identities'
     progress channels (``is:progress:*``)."""
 
-    def __init__(self, app: Celery, url: str, id_prefix: str, owner: CeleryDispatcher) -> None:
+    def __init__(
+        self, app: Celery, settings: Settings, id_prefix: str, owner: CeleryDispatcher
+    ) -> None:
         super().__init__(name="is-dispatch-results", daemon=True)
         self._app = app
-        self._url = url
+        self._settings = settings
+        assert settings.results is not None
+        self._url = settings.results
         self._owner = owner
         self._stopping = threading.Event()
         self.ready = threading.Event()
@@ -541,9 +554,10 @@ class _ResultListener(threading.Thread):
     def _serve(self) -> None:
         # RESP2 on purpose: redis-py's RESP3 push-message path parses a 200 KB result
         # about 5x slower (2.6 ms vs 0.5 ms measured for a 1024 px JPEG reply).
-        client = redis.Redis.from_url(
-            self._url, protocol=2, socket_connect_timeout=2.0, socket_keepalive=True
-        )
+        client = connect(
+            self._url, self._settings, protocol=2, socket_connect_timeout=2.0,
+            socket_keepalive=True,
+        )  # fmt: skip
         pubsub = client.pubsub()  # type: ignore[no-untyped-call]
         try:
             pubsub.psubscribe(self._pattern, self._progress_pattern)

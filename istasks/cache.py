@@ -40,6 +40,7 @@ import redis
 
 from istasks.errors import DataUnavailable
 from istasks.keys import file_identity, holder_alive_key, lock_key, reduced_key, stats_key
+from istasks.redisconn import connect
 
 log = logging.getLogger(__name__)
 
@@ -571,9 +572,7 @@ class ReaderCache(Generic[T]):
 
 def _redis_client(url: str) -> redis.Redis:
     """Short timeouts: a slow cache must cost little before we give up on it."""
-    return redis.Redis.from_url(
-        url, socket_timeout=2.0, socket_connect_timeout=1.0, health_check_interval=30
-    )
+    return connect(url, socket_timeout=2.0, socket_connect_timeout=1.0, health_check_interval=30)
 
 
 def _get_refresh(r: redis.Redis, key: str, ttl_s: int) -> object:

@@ -29,6 +29,11 @@ class Settings:
     result_url: str | None = None
     cache_url: str | None = None
     session_redis_url: str | None = None
+    # Redis failover: the sentinels (host:port,...) and the master's name. Set, the
+    # broker/result/cache URLs give only credentials and db (istasks.redisconn); the
+    # session store stays a plain URL.
+    redis_sentinels: str | None = None
+    redis_sentinel_master: str = "is"
     session_public_key: str | None = None
     # Only when redis_url is unset (``isctl up``, tests): the private redis-server's
     # budget. It holds the queues and the cache together, so at the budget it evicts

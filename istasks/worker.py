@@ -25,13 +25,14 @@ from typing import Any
 
 from celery import signals
 from celery.backends.base import BackendStoreError
-from celery.backends.redis import RedisBackend
+from celery.backends.redis import RedisBackend, SentinelBackend
 from celery.concurrency.thread import ApplyResult, TaskPool
 from celery.worker.consumer import Consumer
 
 from istasks.app import create_app, master_secret
 from istasks.broker import use_pooled_client
 from istasks.logs import configure_logging
+from istasks.redisconn import celery_url, sentinel_hosts
 from istasks.settings import Settings, get_settings
 from queues.envelope import queue_key as derive_queue_key
 from queues.liveness import Heartbeat
@@ -69,8 +70,9 @@ def serve(
     service = build_service(settings, identity, threads=threads)
     app = create_app(settings, identity)
     # Before anything creates the (per-thread) backend: see StoreOnlyBackend.
-    app.conf.result_backend = f"{__name__}:StoreOnlyBackend+{settings.results}"
-    use_pooled_client(app, settings.broker)
+    backend = "StoreOnlySentinelBackend" if sentinel_hosts(settings) else "StoreOnlyBackend"
+    app.conf.result_backend = f"{__name__}:{backend}+{celery_url(settings.results, settings)}"
+    use_pooled_client(app, celery_url(settings.broker, settings))
     register(app, WorkerContext(queue, queue_key, settings, service))
     node = hostname or f"is_{identity.uid}_{identity.gid}@{settings.host}"
 
@@ -131,8 +133,9 @@ def _heartbeat(settings: Settings, identity: Identity, node: str) -> Heartbeat |
     signals.task_prerun.connect(_prerun, weak=False)
     signals.task_postrun.connect(_postrun, weak=False)
     return Heartbeat(
-        settings.broker, identity, settings.host, node, _active, cache_url=settings.cache
-    )
+        settings.broker, identity, settings.host, node, _active, cache_url=settings.cache,
+        settings=settings,
+    )  # fmt: skip
 
 
 class WakingThreadPool(TaskPool):  # type: ignore[misc]
@@ -214,6 +217,12 @@ class StoreOnlyBackend(RedisBackend):  # type: ignore[misc]
         except BackendStoreError as ex:
             raise BackendStoreError(str(ex), state=state, task_id=task_id) from ex
         return result
+
+
+class StoreOnlySentinelBackend(SentinelBackend):  # type: ignore[misc]
+    """:class:`StoreOnlyBackend` behind Redis Sentinel (``IS_REDIS_SENTINELS``)."""
+
+    _store_result = StoreOnlyBackend._store_result
 
 
 def worker_key(queue: str, settings: Settings) -> bytes:

@@ -25,6 +25,7 @@ import redis
 
 from istasks import keys
 from istasks.errors import WorkerUnavailable
+from istasks.redisconn import connect
 from istasks.settings import Settings, get_settings
 from queues.naming import parse_queue_name
 
@@ -57,8 +58,8 @@ def collect_status(settings: Settings) -> dict[str, Any]:
     if not settings.broker:
         return {"error": "no broker configured: set IS_BROKER_URL or IS_REDIS_URL"}
     status: dict[str, Any] = {"broker": _redacted(settings.broker)}
-    client = redis.Redis.from_url(
-        settings.broker, socket_connect_timeout=2.0, socket_timeout=_REDIS_TIMEOUT_S
+    client = connect(
+        settings.broker, settings, socket_connect_timeout=2.0, socket_timeout=_REDIS_TIMEOUT_S
     )
     try:
         scan = _find_queues(client)

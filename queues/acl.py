@@ -32,6 +32,7 @@ import redis
 
 from istasks.errors import WorkerUnavailable
 from istasks.keys import gid_pattern, heartbeat_patterns, progress_channel, result_prefix
+from istasks.redisconn import connect
 from queues.naming import Identity
 
 log = logging.getLogger(__name__)
@@ -174,7 +175,7 @@ class AclManager:
     def _client(self, server: str) -> redis.Redis:
         client = self._clients.get(server)
         if client is None:
-            client = redis.Redis.from_url(
+            client = connect(
                 self._admin[server],
                 socket_timeout=_ADMIN_TIMEOUT_S,
                 socket_connect_timeout=_ADMIN_TIMEOUT_S,

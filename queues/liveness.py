@@ -41,6 +41,8 @@ from dataclasses import dataclass, field
 import redis
 
 from istasks.keys import heartbeat_hosts_key, heartbeat_key, holder_alive_key
+from istasks.redisconn import connect
+from istasks.settings import Settings
 from queues.naming import Identity
 
 log = logging.getLogger(__name__)
@@ -117,17 +119,15 @@ class Heartbeat:
         active: Callable[[], Iterable[str]] = tuple,
         *,
         cache_url: str | None = None,
+        settings: Settings | None = None,
         interval_s: float = INTERVAL_S,
         ttl_s: float = TTL_S,
     ) -> None:
-        self._client = redis.Redis.from_url(
-            url, socket_timeout=_TIMEOUT_S, socket_connect_timeout=_TIMEOUT_S
-        )
+        timeouts = {"socket_timeout": _TIMEOUT_S, "socket_connect_timeout": _TIMEOUT_S}
+        self._client = connect(url, settings, **timeouts)
         self._cache = None
         if cache_url is not None and cache_url != url:
-            self._cache = redis.Redis.from_url(
-                cache_url, socket_timeout=_TIMEOUT_S, socket_connect_timeout=_TIMEOUT_S
-            )
+            self._cache = connect(cache_url, settings, **timeouts)
         # istasks.cache's lock holder id of this process: <pid>@<hostname>
         self._alive = holder_alive_key(identity.gid, f"{os.getpid()}@{socket.gethostname()}")
         self._with_alive = cache_url is not None
@@ -200,9 +200,11 @@ class Liveness:
     """A bridge's view of every host's workers, read from the heartbeats (thread-safe;
     one reading per identity is reused for ``poll_ttl_s``)."""
 
-    def __init__(self, url: str, *, poll_ttl_s: float = POLL_TTL_S) -> None:
-        self._client = redis.Redis.from_url(
-            url, socket_timeout=_TIMEOUT_S, socket_connect_timeout=_TIMEOUT_S
+    def __init__(
+        self, url: str, *, poll_ttl_s: float = POLL_TTL_S, settings: Settings | None = None
+    ) -> None:
+        self._client = connect(
+            url, settings, socket_timeout=_TIMEOUT_S, socket_connect_timeout=_TIMEOUT_S
         )
         self._poll_ttl_s = poll_ttl_s
         self._known: dict[Identity, _Known] = {}
