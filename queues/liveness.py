@@ -210,13 +210,14 @@ class Liveness:
         self._known: dict[Identity, _Known] = {}
         self._lock = threading.Lock()
 
-    def state(self, identity: Identity) -> HostsState:
-        """The identity's live workers and recent dead; on a Redis error the last known
-        state (never "all gone": an unreadable Redis is not a dead worker)."""
+    def state(self, identity: Identity, *, fresh: bool = False) -> HostsState:
+        """The identity's live workers and recent dead (``fresh``: read now, not from
+        the last reading); on a Redis error the last known state (never "all gone": an
+        unreadable Redis is not a dead worker)."""
         now = time.monotonic()
         with self._lock:
             known = self._known.setdefault(identity, _Known())
-            if now - known.read_at < self._poll_ttl_s:
+            if not fresh and now - known.read_at < self._poll_ttl_s:
                 return _snapshot(known)
         try:
             beats = self._read(identity)
@@ -229,8 +230,9 @@ class Liveness:
             return _snapshot(known)
 
     def any_live(self, identity: Identity) -> bool:
-        """Whether some host's worker of ``identity`` is alive (consumes its queue)."""
-        return bool(self.state(identity).live)
+        """Whether some host's worker of ``identity`` is alive (consumes its queue); a
+        "none" from the last reading is checked again (a worker may just have started)."""
+        return bool(self.state(identity).live or self.state(identity, fresh=True).live)
 
     def close(self) -> None:
         """Close the Redis connection."""
