@@ -36,6 +36,7 @@ import redis
 import zmq
 
 from istasks import keys
+from istasks.redisconn import connect
 from istasks.settings import Settings
 from ops.devsession import ensure_keypair, isauth_for, sign_isauth, write_session
 from ops.stack import Stack, dev_user
@@ -90,6 +91,8 @@ class Load:
     sent_after_settle: int = 0
     ok_after_settle: int = 0
     latencies_ms: list[float] = field(default_factory=list)
+    ok_sent_at: list[float] = field(default_factory=list)
+    error_sent_at: list[float] = field(default_factory=list)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,16 +104,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=6)
     parser.add_argument("--load-s", type=float, default=12.0)
     parser.add_argument("--kill-at-s", type=float, default=4.0)
+    parser.add_argument("--sentinel", action="store_true", help="Redis behind Sentinel")
     args = parser.parse_args(argv)
     hosts = []
     for spec in args.host:
         name, _, netns = spec.partition("=")
         hosts.append(Host(name, netns or None, args.run / name))
     result: dict[str, Any] = {}
-    with _broker(args.broker_ip, args.run) as (redis_url, frontend, backend, broker_pids):
-        result["broker_pids"] = broker_pids
+    with _broker(args.broker_ip, args.run, sentinel=args.sentinel) as broker:
+        result["broker_pids"] = broker.pids
         try:
-            _run(args, hosts, redis_url, frontend=frontend, backend=backend, result=result)
+            _run(args, hosts, broker, result=result)
         finally:
             for host in hosts:
                 if host.stack is not None:
@@ -120,28 +124,30 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(
-    args: argparse.Namespace,
-    hosts: list[Host],
-    redis_url: str,
-    *,
-    frontend: str,
-    backend: str,
-    result: dict[str, Any],
+    args: argparse.Namespace, hosts: list[Host], broker: Broker, *, result: dict[str, Any]
 ) -> None:
+    redis_url, frontend, backend = broker.url, broker.frontend, broker.backend
     private, public = ensure_keypair(args.run)
     secret = args.run / "task-secret"
     secret.write_text(secrets.token_hex(32))
     secret.chmod(0o600)
-    admin = redis.Redis.from_url(redis_url)
+    common = Settings(
+        redis_url=redis_url, redis_sentinels=broker.sentinels,
+        session_redis_url=broker.session_url,
+    )  # fmt: skip
+    admin = connect(redis_url, common)  # follows a promotion (Sentinel)
     pid = f"hosts-{secrets.token_hex(4)}"
     text, sig = sign_isauth(private.read_bytes(), isauth_for(pid, dev_user(), [0]))
-    write_session(admin, pid, text, sig)
+    sessions = redis.Redis.from_url(broker.session_url or redis_url)
+    write_session(sessions, pid, text, sig)
+    sessions.close()
 
     def start(host: Host) -> None:
         settings = Settings(
             redis_url=redis_url, proxy_endpoint=backend, task_secret_file=str(secret),
             session_public_key=str(public), host_name=None if host.netns else host.name,
             view_timeout_s=10.0, worker_idle_s=300.0, log_level="INFO",
+            redis_sentinels=broker.sentinels, session_redis_url=broker.session_url,
         )  # fmt: skip
         host.stack = Stack.start(host.run, settings, command_prefix=host.prefix)
 
@@ -231,6 +237,41 @@ def _run(
     result["victim_answers_without_supervisor"] = _count_answers(victim_log) - answered_before
     victim.stack.components.remove(supervisor)
 
+    # 6. Redis failover: the primary is SIGKILLed under load, the sentinel promotes the
+    # replica; nothing is restarted
+    if broker.primary is not None:
+        primary = broker.primary
+        promoted: list[float] = []
+
+        def kill_primary() -> int:
+            primary.send_signal(signal.SIGKILL)
+            watch = threading.Thread(
+                target=lambda: promoted.append(_wait(broker.promoted, 20.0) or 0.0)
+            )
+            watch.start()
+            watcher.append(watch)
+            return 1
+
+        watcher.clear()
+        raw: list[Load] = []
+        summary, kill_at = _loaded(
+            args, frontend, job, kill_primary, {}, base=250, load_s=args.kill_at_s + 20, raw=raw
+        )
+        watcher[0].join()
+        load = raw[0]
+        at = promoted[0] if promoted and promoted[0] else None
+        failover: dict[str, Any] = {"load": summary}
+        if at is not None:
+            failover["promoted_s"] = round(at - kill_at, 2)
+            after = sorted(t for t in load.ok_sent_at if t >= at)
+            failover["answering_again_s"] = round(after[0] - at, 2) if after else None
+            settled = at + 10.0
+            failover["errors_sent_10s_after_promotion"] = sum(
+                t >= settled for t in load.error_sent_at
+            )
+            failover["ok_sent_10s_after_promotion"] = sum(t >= settled for t in load.ok_sent_at)
+        result["failover"] = failover
+
 
 def _loaded(
     args: argparse.Namespace,
@@ -240,12 +281,16 @@ def _loaded(
     result: dict[str, Any],
     *,
     base: int = 200,
+    load_s: float | None = None,
+    raw: list[Load] | None = None,
 ) -> tuple[dict[str, Any], float]:
     """Clients send views for ``args.load_s``; ``kill()`` runs at ``args.kill_at_s``.
-    The counts, and when the kill began."""
+    The counts, and when the kill began (``raw`` gets the Load itself)."""
     load = Load()
+    if raw is not None:
+        raw.append(load)
     kill_at = time.monotonic() + args.kill_at_s
-    times = (time.monotonic() + args.load_s, kill_at, kill_at + 2.5)
+    times = (time.monotonic() + (load_s or args.load_s), kill_at, kill_at + 2.5)
     threads = [
         threading.Thread(
             target=_client,
@@ -265,7 +310,8 @@ def _loaded(
     summary = asdict(load)
     summary["p50_ms"] = _pct(load.latencies_ms, 0.5)
     summary["p99_ms"] = _pct(load.latencies_ms, 0.99)
-    del summary["latencies_ms"]
+    for name in ("latencies_ms", "ok_sent_at", "error_sent_at"):
+        del summary[name]
     return summary, kill_at
 
 
@@ -312,7 +358,7 @@ def _measure(
         thread.join()
     wall = time.monotonic() - wall
     after = {name: sum(map(_cpu_s, group)) for name, group in pids().items()}
-    answered = max(load.ok, 1)
+    answered = max(load.ok, 1)  # (ok_sent_at etc. are not reported here)
     per_request = {n: round((after[n] - before.get(n, 0.0)) * 1000 / answered, 3) for n in after}
     return {"requests": load.ok, "errors": len(load.errors), "per_s": round(load.ok / wall, 1),
             "cpu_ms_per_request": per_request,
@@ -357,11 +403,13 @@ def _client(
             continue
         if reply[0] == b"":
             load.ok += 1
+            load.ok_sent_at.append(sent)
             load.latencies_ms.append((done - sent) * 1000)
             if sent >= settle_at:
                 load.ok_after_settle += 1
         else:
             load.errors.append(reply[0].decode(errors="replace")[:200])
+            load.error_sent_at.append(sent)
             if done >= kill_at:
                 load.errors_after_kill += 1
         if sent < kill_at <= done:
@@ -482,46 +530,111 @@ def _pct(values: list[float], q: float) -> float | None:
     return round(values[min(len(values) - 1, int(q * len(values)))], 1)
 
 
+@dataclass
+class Broker:
+    """The broker host's endpoints and processes."""
+
+    url: str
+    frontend: str
+    backend: str
+    pids: dict[str, int]
+    sentinels: str | None = None  # IS_REDIS_SENTINELS
+    session_url: str | None = None  # a session store of its own (with Sentinel)
+    primary: subprocess.Popen[bytes] | None = None
+    replica_port: int = 0
+    sentinel_port: int = 0
+    ip: str = "127.0.0.1"
+
+    def promoted(self) -> bool:
+        """Whether the sentinel names the replica as the master now."""
+        client = redis.Redis(host=self.ip, port=self.sentinel_port, socket_timeout=1.0)
+        try:
+            addr = client.execute_command("SENTINEL", "get-master-addr-by-name", "is")  # type: ignore[no-untyped-call]
+            return bool(addr) and int(addr[1]) == self.replica_port
+        except redis.RedisError:
+            return False
+        finally:
+            client.close()
+
+
 @contextlib.contextmanager
-def _broker(ip: str, run: Path) -> Iterator[tuple[str, str, str, dict[str, int]]]:
-    """The broker host: a redis-server and an is-proxy bound to ``ip``."""
+def _broker(ip: str, run: Path, *, sentinel: bool = False) -> Iterator[Broker]:
+    """The broker host: a redis-server and an is-proxy bound to ``ip``; with
+    ``sentinel``, also a replica, a sentinel and a session store of its own."""
     run.mkdir(parents=True, exist_ok=True)
-    port, front, back = 16379, 17001, 17002
+    ports = [16379, 17001, 17002, 16380, 26379, 16381]
     if ip == "127.0.0.1":
         from ops.redisserver import free_port
 
-        port, front, back = free_port(), free_port(), free_port()
-    redis_log = open(run / "redis.log", "wb")  # noqa: SIM115 - closed below
+        ports = [free_port() for _ in ports]
+    port, front, back, replica_port, sentinel_port, session_port = ports
     # Reached from other hosts: a password, as any Redis off loopback needs.
     password = secrets.token_hex(16)
-    server = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", ip, "--save", "", "--appendonly", "no",
-         "--requirepass", password],
-        stdout=redis_log, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
+    procs: list[subprocess.Popen[bytes]] = []
+    logs: list[Any] = []
+
+    def spawn(name: str, argv: list[str]) -> subprocess.Popen[bytes]:
+        log = open(run / f"{name}.log", "wb")  # noqa: SIM115 - closed below
+        logs.append(log)
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        procs.append(proc)
+        return proc
+
+    def redis_server(name: str, at: int, *extra: str) -> subprocess.Popen[bytes]:
+        return spawn(name, ["redis-server", "--port", str(at), "--bind", ip, "--save", "",
+                            "--appendonly", "no", "--requirepass", password,
+                            "--masterauth", password, *extra])  # fmt: skip
+
+    server = redis_server("redis", port)
     frontend, backend = f"tcp://{ip}:{front}", f"tcp://{ip}:{back}"
     argv = ["--frontend", frontend, "--backend", backend]
     code = f"from bridge.proxy import main; raise SystemExit(main({argv!r}))"
-    proxy_log = open(run / "proxy.log", "wb")  # noqa: SIM115 - closed below
-    proxy = subprocess.Popen(
-        [sys.executable, "-c", code], stdout=proxy_log, stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )  # fmt: skip
+    proxy = spawn("proxy", [sys.executable, "-c", code])
     url = f"redis://:{password}@{ip}:{port}/0"
+    broker = Broker(url, frontend, backend, {"redis": server.pid, "proxy": proxy.pid}, ip=ip)
     try:
         if _wait(lambda: _pings(url), 10.0) is None:
             raise RuntimeError("broker redis-server did not come up")
-        yield url, frontend, backend, {"redis": server.pid, "proxy": proxy.pid}
+        if sentinel:
+            redis_server("replica", replica_port, "--replicaof", ip, str(port))
+            redis_server("sessions", session_port)
+            conf = run / "sentinel.conf"
+            conf.write_text(
+                f"port {sentinel_port}\nbind {ip}\nprotected-mode no\ndir {run}\n"
+                f"sentinel monitor is {ip} {port} 1\nsentinel auth-pass is {password}\n"
+                "sentinel down-after-milliseconds is 1000\n"
+                "sentinel failover-timeout is 5000\n"
+            )
+            spawn("sentinel", ["redis-server", str(conf), "--sentinel"])
+            broker.sentinels = f"{ip}:{sentinel_port}"
+            broker.session_url = f"redis://:{password}@{ip}:{session_port}/0"
+            broker.primary, broker.replica_port = server, replica_port
+            broker.sentinel_port = sentinel_port
+            replica = f"redis://:{password}@{ip}:{replica_port}/0"
+            for what in (replica, broker.session_url):
+                if _wait(lambda u=what: _pings(u), 10.0) is None:  # type: ignore[misc]
+                    raise RuntimeError(f"{what} did not come up")
+            if _wait(lambda: _replicating(replica), 15.0) is None:
+                raise RuntimeError("the replica did not sync")
+        yield broker
     finally:
-        for proc in (proxy, server):
+        for proc in reversed(procs):
             proc.terminate()
             try:
                 proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        redis_log.close()
-        proxy_log.close()
+        for log in logs:
+            log.close()
+
+
+def _replicating(url: str) -> bool:
+    try:
+        info = redis.Redis.from_url(url, socket_connect_timeout=0.5).info("replication")
+    except redis.RedisError:
+        return False
+    return info.get("master_link_status") == "up"
 
 
 def _pings(url: str) -> bool:

@@ -11,6 +11,8 @@ then only that host's supervisor (and so its workers) is SIGKILLed under load.
   namespace (own addresses, 10.214.x.0/24), each worker host with its own UTS namespace
   (hostname). Traffic stays inside the namespaces. Every namespace, veth and the bridge
   are removed by the fixture's finalizer, whatever happens.
+  The broker's Redis runs as a primary, a replica and a sentinel (``IS_REDIS_SENTINELS``)
+  and, last, the primary is SIGKILLed under load.
 - ``test_hosts_as_processes``: the same on this machine's loopback, the hosts named by
   ``IS_HOST_NAME``: no root needed.
 
@@ -45,7 +47,9 @@ CLIENTS = 6
 LOST_WORKER_BOUND_S = 5.0
 #: The lost host's heartbeats are gone within this of the kill (TTL 1.5 s + margin).
 HEARTBEAT_GONE_S = 3.0
-SCENARIO_TIMEOUT_S = 240
+SCENARIO_TIMEOUT_S = 300
+#: Redis failover: the service answers again within this of the promotion.
+RECOVERY_BOUND_S = 10.0
 
 
 @pytest.fixture(scope="module")
@@ -61,13 +65,20 @@ def data_dir() -> Iterator[Path]:
 
 
 def _scenario(
-    run: Path, data: Path, hosts: list[str], *, prefix: tuple[str, ...] = (), broker_ip: str
+    run: Path,
+    data: Path,
+    hosts: list[str],
+    *,
+    prefix: tuple[str, ...] = (),
+    broker_ip: str,
+    extra: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     run.mkdir(parents=True, exist_ok=True)
     args = [*prefix, sys.executable, "-m", "tests.hosts_scenario", "--broker-ip", broker_ip,
             "--data", str(data), "--run", str(run), "--clients", str(CLIENTS)]  # fmt: skip
     for host in hosts:
         args += ["--host", host]
+    args += extra
     proc = subprocess.run(
         args, cwd=REPO, capture_output=True, text=True, timeout=SCENARIO_TIMEOUT_S, check=False
     )
@@ -184,6 +195,17 @@ def test_hosts_in_network_namespaces(
     run.chmod(0o755)
     result = _scenario(
         run, data_dir, hosts, prefix=("ip", "netns", "exec", namespaces["broker"]),
-        broker_ip=namespaces["broker_ip"],
+        broker_ip=namespaces["broker_ip"], extra=("--sentinel",),
     )  # fmt: skip
     _check(result, sorted(namespaces["hosts"]))
+    # Redis behind Sentinel on the broker host (primary, replica, sentinel): the primary
+    # is SIGKILLed under load; every request gets exactly one reply (an error allowed for
+    # those in flight), the service answers again within 10 s of the promotion, and from
+    # 10 s after it nothing fails; no worker or bridge was restarted for it.
+    failover = result["failover"]
+    assert failover["load"]["lost"] == 0, failover
+    assert failover["promoted_s"] <= 10.0, failover
+    assert failover["answering_again_s"] is not None, failover
+    assert failover["answering_again_s"] <= RECOVERY_BOUND_S, failover
+    assert failover["errors_sent_10s_after_promotion"] == 0, failover
+    assert failover["ok_sent_10s_after_promotion"] > 0, failover
