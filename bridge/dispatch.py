@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import json
 import logging
 import threading
 import time
@@ -65,7 +66,7 @@ from istasks.app import TASK_NAMES, master_secret
 from istasks.broker import use_pooled_client
 from istasks.errors import IdentityError, IsError, WorkerUnavailable
 from istasks.jobs import str_field
-from istasks.keys import PROGRESS, RESULTS, result_prefix
+from istasks.keys import ENSURE, PROGRESS, RESULTS, result_prefix
 from istasks.redisconn import celery_url, connect, sentinel_hosts
 from istasks.replies import error_frames, error_text, success_frames
 from istasks.settings import Settings
@@ -300,7 +301,7 @@ class CeleryDispatcher:
         if self._pool is None:
             return None
         if not self._settings.serves_esaf(identity.gid):
-            if self._remote_live(identity):
+            if self._remote_live(identity) or self._started_elsewhere(identity):
                 return None
             raise WorkerUnavailable(
                 f"ESAF {identity.gid} is not served on host {self._settings.host}"
@@ -311,11 +312,56 @@ class CeleryDispatcher:
         except IdentityError:
             raise
         except WorkerUnavailable as exc:
-            if not self._remote_live(identity):
+            if not (self._remote_live(identity) or self._started_elsewhere(identity)):
                 raise
             log.warning("%s; another host's worker for %s is up: sent there",
                         exc, identity.queue)  # fmt: skip
             return None
+
+    def _started_elsewhere(self, identity: Identity) -> bool:
+        """Ask the other hosts' bridges (channel ``is:ensure``) to start a worker for
+        ``identity`` through their supervisors; whether one beats within the worker start
+        timeout. (A host restricted by ``IS_HOST_ESAFS``, or whose supervisor is down,
+        can then still serve an identity no worker runs for.)"""
+        if self._liveness is None or self._settings.results is None:
+            return False
+        message = {"uid": identity.uid, "gid": identity.gid, "from": self._settings.host}
+        try:
+            client = connect(self._settings.results, self._settings, socket_timeout=2.0)
+            try:
+                listeners = int(client.publish(ENSURE, json.dumps(message)))
+            finally:
+                client.close()
+        except redis.RedisError as exc:
+            log.warning("cannot ask other hosts for a worker of %s: %s", identity.queue, exc)
+            return False
+        if listeners <= 1:  # only ourselves
+            return False
+        deadline = time.monotonic() + self._settings.worker_start_timeout_s
+        while time.monotonic() < deadline and not self._closed.is_set():
+            if self._liveness.state(identity, fresh=True).live:
+                return True
+            time.sleep(0.05)
+        return False
+
+    def on_ensure(self, data: bytes) -> None:
+        """Listener callback: another host's bridge asks for a worker of an identity.
+        Started here (on a sender thread) when this host serves its ESAF."""
+        try:
+            message = json.loads(data)
+            identity = Identity(int(message["uid"]), int(message["gid"]))
+            sender = str(message.get("from", ""))
+        except (ValueError, KeyError, TypeError):
+            log.warning("bad ensure request %r: ignored", data[:200])
+            return
+        pool = self._pool
+        if pool is None or sender == self._settings.host or identity.is_root:
+            return
+        if not self._settings.serves_esaf(identity.gid):
+            return
+        log.info("host %s asks for a worker of %s: ensuring it here", sender, identity.queue)
+        with contextlib.suppress(RuntimeError):  # shut down
+            self._senders.submit(_ensure_quietly, pool, identity)
 
     def _remote_live(self, identity: Identity) -> bool:
         """Whether some host's worker of ``identity`` beats (queues.liveness)."""
@@ -561,7 +607,8 @@ class _ResultListener(threading.Thread):
         pubsub = client.pubsub()  # type: ignore[no-untyped-call]
         try:
             pubsub.psubscribe(self._pattern, self._progress_pattern)
-            self._await_subscription(pubsub, count=2)
+            pubsub.subscribe(ENSURE)
+            self._await_subscription(pubsub, count=3)
             self.ready.set()
             self._recover(client)
             while not self._stopping.is_set():
@@ -575,7 +622,7 @@ class _ResultListener(threading.Thread):
         deadline = time.monotonic() + SUBSCRIBE_WAIT_S
         while time.monotonic() < deadline and not self._stopping.is_set():
             message = pubsub.get_message(timeout=0.5)
-            if message is not None and message["type"] == "psubscribe":
+            if message is not None and message["type"] in ("psubscribe", "subscribe"):
                 count -= 1
                 if count == 0:
                     return
@@ -595,7 +642,9 @@ class _ResultListener(threading.Thread):
         consumed: list[bytes] = []
         message = pubsub.get_message(timeout=READ_TIMEOUT_S)
         while message is not None:
-            if message["type"] == "pmessage":
+            if message["type"] == "message":  # the ENSURE channel: another host asks
+                self._owner.on_ensure(bytes(message["data"]))
+            elif message["type"] == "pmessage":
                 channel = bytes(message["channel"])
                 if bytes(message["pattern"]) == self._progress_pattern:
                     self._owner.on_progress(channel, bytes(message["data"]))
@@ -619,6 +668,14 @@ class _ResultListener(threading.Thread):
             meta = {"status": "FAILURE", "result": None}
         if isinstance(meta, dict):
             self._owner.on_result(task_id, meta)
+
+
+def _ensure_quietly(pool: WorkerPool, identity: Identity) -> None:
+    """Start ``identity``'s worker for another host; a refusal or failure is only logged."""
+    try:
+        pool.ensure(identity)
+    except Exception as exc:
+        log.warning("ensure %s for another host failed: %s", identity.queue, exc)
 
 
 def result_key(identity: Identity, task_id: str) -> bytes:

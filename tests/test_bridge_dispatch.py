@@ -354,3 +354,39 @@ def test_esaf_not_served_here_goes_to_another_hosts_worker(
     assert refusal(settings, IDENT) == (
         f"ESAF 5101 is not served on host {settings.host} (IS_HOST_ESAFS)"
     )
+
+
+class StartingPool(ScriptedPool):
+    """A host's pool whose ensure starts a worker that beats (as its supervisor would)."""
+
+    def __init__(self, url: str, host: str) -> None:
+        super().__init__()
+        self.url, self.host = url, host
+        self.beats: list[Heartbeat] = []
+
+    def ensure(self, identity: Identity) -> int:
+        if not self.beats:
+            node = f"is_{identity.uid}_{identity.gid}@{self.host}"
+            self.beats.append(Heartbeat(self.url, identity, self.host, node))
+            self.beats[0].start()
+        return super().ensure(identity)
+
+
+def test_a_host_not_serving_the_esaf_has_another_host_start_a_worker(
+    queue: Queue, make_dispatcher: Any, redis_url: str
+) -> None:
+    """No worker of the identity runs anywhere: host B (not serving the ESAF) asks the
+    other bridges on ``is:ensure``; host A, which serves it, starts one; B sends there."""
+    base = {"redis_url": redis_url, "task_secret": SECRET, "view_timeout_s": 10.0}
+    serving = StartingPool(redis_url, "hosta")
+    make_dispatcher(Settings(**base, host_name="hosta"), serving)
+    other = make_dispatcher(Settings(**base, host_name="hostb", host_esafs="1"), ScriptedPool())
+    try:
+        future = other.submit(IDENT, "jpeg", {}, "r-ask")
+        (message,) = queue.wait_messages(1, timeout_s=NOTICE_S + 5.0)
+        assert serving.ensured == [1]  # started on host A, on host B's request
+        queue.answer(message, b"echo", b"meta", b"jpeg")
+        assert _resolved(future) == success_frames(b"echo", b"meta", b"jpeg")
+    finally:
+        for beat in serving.beats:
+            beat.stop()
