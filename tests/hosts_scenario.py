@@ -583,7 +583,8 @@ def _broker(ip: str, run: Path, *, sentinel: bool = False) -> Iterator[Broker]:
     def redis_server(name: str, at: int, *extra: str) -> subprocess.Popen[bytes]:
         return spawn(name, ["redis-server", "--port", str(at), "--bind", ip, "--save", "",
                             "--appendonly", "no", "--requirepass", password,
-                            "--masterauth", password, *extra])  # fmt: skip
+                            "--masterauth", password, "--dir", str(run),
+                            "--dbfilename", f"{name}.rdb", *extra])  # fmt: skip
 
     server = redis_server("redis", port)
     frontend, backend = f"tcp://{ip}:{front}", f"tcp://{ip}:{back}"
