@@ -24,6 +24,17 @@ Where there is more to tell than the frames show, a future resolves to a
 :class:`bridge.outcome.Reply` (still the list of frames): the worker's cache outcome and
 time, or an outcome such as timeout or unavailable (for the request log and metrics).
 
+Several hosts (queues.liveness): every worker beats in Redis, so the watchdog also sees
+another host's worker go (this host's are the supervisor's to tell, as above). A request
+sent before such a worker was seen gone is sent again (``jpeg``, ``spots``) or failed
+(``index``, only when that worker's last beat listed it as running), within the
+heartbeat TTL plus a sweep, never waiting for the deadline. When the local supervisor
+is unreachable, or this host does not serve the ESAF (``IS_HOST_ESAFS``), the request is
+still sent when another host's worker of the identity is alive: it consumes the same
+queue. Task ids start with ``isb-<host>-`` (readable in result keys, Flower and logs)
+and a per-bridge random part: the pattern subscription hears our results only, so a
+result goes back to the bridge that sent the task and to no other.
+
 Index progress: the listener also hears every identity's progress channel and relays a
 message only while that identity has an index request in flight that named its target
 channel, onto the session Redis where is.js clients listen (bridge.progress).
@@ -35,6 +46,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import json
 import logging
 import threading
 import time
@@ -46,18 +58,20 @@ from typing import Any, Protocol
 import redis
 from celery import Celery
 from celery.backends.base import KeyValueStoreBackend
-from celery.backends.redis import RedisBackend
+from celery.backends.redis import RedisBackend, SentinelBackend
 
 from bridge.outcome import Outcome, Reply, exception_outcome
 from bridge.progress import ProgressRelay, parse_progress
 from istasks.app import TASK_NAMES, master_secret
 from istasks.broker import use_pooled_client
-from istasks.errors import IsError, WorkerUnavailable
+from istasks.errors import IdentityError, IsError, WorkerUnavailable
 from istasks.jobs import str_field
-from istasks.keys import PROGRESS, RESULTS, result_prefix
+from istasks.keys import ENSURE, PROGRESS, RESULTS, result_prefix
+from istasks.redisconn import celery_url, connect, sentinel_hosts
 from istasks.replies import error_frames, error_text, success_frames
 from istasks.settings import Settings
 from queues.envelope import seal
+from queues.liveness import HostsState, Liveness
 from queues.naming import Identity
 from queues.pool import WorkerPool, WorkerState
 
@@ -132,6 +146,13 @@ class PublishOnlyBackend(RedisBackend):  # type: ignore[misc]
         """Nothing to subscribe to: results come through the listener."""
 
 
+class PublishOnlySentinelBackend(SentinelBackend):  # type: ignore[misc]
+    """:class:`PublishOnlyBackend` behind Redis Sentinel (``IS_REDIS_SENTINELS``)."""
+
+    def on_task_call(self, producer: Any, task_id: str) -> None:
+        """Nothing to subscribe to: results come through the listener."""
+
+
 class CeleryDispatcher:
     """Dispatcher over Celery with the Redis result backend."""
 
@@ -143,12 +164,14 @@ class CeleryDispatcher:
         *,
         max_senders: int = 8,
         send_inline: bool = False,
+        liveness: Liveness | None = None,
     ) -> None:
         if not settings.results:
             raise ValueError("no result backend: set IS_RESULT_URL or IS_REDIS_URL")
         # Before anything creates the (per-thread) backend: see PublishOnlyBackend.
-        app.conf.result_backend = f"{__name__}:PublishOnlyBackend+{settings.results}"
-        use_pooled_client(app, settings.broker)
+        backend = "PublishOnlySentinelBackend" if sentinel_hosts(settings) else "PublishOnlyBackend"
+        app.conf.result_backend = f"{__name__}:{backend}+{celery_url(settings.results, settings)}"
+        use_pooled_client(app, celery_url(settings.broker, settings))
         self._app = app
         self._settings = settings
         self._pool = pool
@@ -157,7 +180,12 @@ class CeleryDispatcher:
         # there saves a hand-off to a sender thread per request (0.16 ms measured).
         self._send_inline = send_inline
         # Our own task-id prefix: the pattern subscription then sees only our results.
-        self._id_prefix = f"isb-{uuid.uuid4().hex[:12]}-"
+        self._id_prefix = f"isb-{settings.host}-{uuid.uuid4().hex[:12]}-"
+        # Other hosts' workers (heartbeats in the broker Redis): only with a pool, whose
+        # workers beat; without one (tests, hand-started workers) nothing is watched.
+        if liveness is None and pool is not None and settings.broker:
+            liveness = Liveness(settings.broker, settings=settings)
+        self._liveness = liveness
         self._pending: dict[str, _Pending] = {}
         self._lock = threading.Lock()
         self._closed = threading.Event()
@@ -165,7 +193,7 @@ class CeleryDispatcher:
             max_senders, thread_name_prefix="is-dispatch-send"
         )
         self._relay = ProgressRelay(settings.sessions) if settings.sessions else None
-        self._listener = _ResultListener(app, settings.results, self._id_prefix, self)
+        self._listener = _ResultListener(app, settings, self._id_prefix, self)
         self._watchdog = threading.Thread(target=self._watch, name="is-dispatch-watch", daemon=True)
         self._listener.start()
         self._watchdog.start()
@@ -184,7 +212,7 @@ class CeleryDispatcher:
         entry = _Pending(future, identity, kind, request_id, now + self._timeout_s(kind), now)
         if kind == "index":
             entry.progress_channel = str_field(job, "progressPublisher") or None
-        elif kind in RETRIED_KINDS and self._pool is not None:
+        elif kind in RETRIED_KINDS and (self._pool is not None or self._liveness is not None):
             entry.job = job
         if kind not in TASK_NAMES:
             future.set_result(error_frames(f"bridge: unknown task kind {kind!r}"))
@@ -219,6 +247,8 @@ class CeleryDispatcher:
         self._watchdog.join(timeout=2.0)
         if self._relay is not None:
             self._relay.close()
+        if self._liveness is not None:
+            self._liveness.close()
         with self._lock:
             pending, self._pending = self._pending, {}
         for entry in _distinct(pending):
@@ -240,7 +270,7 @@ class CeleryDispatcher:
     def _send(self, task_id: str, entry: _Pending, job: dict[str, Any]) -> None:
         """Sender thread: ensure the worker, sign, publish; then watch that worker."""
         try:
-            epoch = self._pool.ensure(entry.identity) if self._pool is not None else None
+            epoch = self._local_worker(entry.identity)
             if entry.future.done():
                 return  # timed out (or closed) while the worker was starting
             token = seal(self._secret, entry.identity.queue, {"job": job, "rid": entry.request_id})
@@ -263,6 +293,79 @@ class CeleryDispatcher:
         except Exception as exc:  # broker down, kombu/redis errors: answer, never raise
             log.warning("send %s to %s failed: %s", entry.kind, entry.identity.queue, exc)
             self.resolve(task_id, _unavailable(f"broker unavailable ({exc})", entry.request_id))
+
+    def _local_worker(self, identity: Identity) -> int | None:
+        """This host's worker epoch for ``identity`` (started if need be), or None when
+        the task goes to another host's live worker: this host does not serve the ESAF,
+        or its supervisor cannot start one. Raises when no host can take the task."""
+        if self._pool is None:
+            return None
+        if not self._settings.serves_esaf(identity.gid):
+            if self._remote_live(identity) or self._started_elsewhere(identity):
+                return None
+            raise WorkerUnavailable(
+                f"ESAF {identity.gid} is not served on host {self._settings.host}"
+                f" and no other host's worker for {identity.queue} is up"
+            )
+        try:
+            return self._pool.ensure(identity)
+        except IdentityError:
+            raise
+        except WorkerUnavailable as exc:
+            if not (self._remote_live(identity) or self._started_elsewhere(identity)):
+                raise
+            log.warning("%s; another host's worker for %s is up: sent there",
+                        exc, identity.queue)  # fmt: skip
+            return None
+
+    def _started_elsewhere(self, identity: Identity) -> bool:
+        """Ask the other hosts' bridges (channel ``is:ensure``) to start a worker for
+        ``identity`` through their supervisors; whether one beats within the worker start
+        timeout. (A host restricted by ``IS_HOST_ESAFS``, or whose supervisor is down,
+        can then still serve an identity no worker runs for.)"""
+        if self._liveness is None or self._settings.results is None:
+            return False
+        message = {"uid": identity.uid, "gid": identity.gid, "from": self._settings.host}
+        try:
+            client = connect(self._settings.results, self._settings, socket_timeout=2.0)
+            try:
+                listeners = int(client.publish(ENSURE, json.dumps(message)))
+            finally:
+                client.close()
+        except redis.RedisError as exc:
+            log.warning("cannot ask other hosts for a worker of %s: %s", identity.queue, exc)
+            return False
+        if listeners <= 1:  # only ourselves
+            return False
+        deadline = time.monotonic() + self._settings.worker_start_timeout_s
+        while time.monotonic() < deadline and not self._closed.is_set():
+            if self._liveness.state(identity, fresh=True).live:
+                return True
+            time.sleep(0.05)
+        return False
+
+    def on_ensure(self, data: bytes) -> None:
+        """Listener callback: another host's bridge asks for a worker of an identity.
+        Started here (on a sender thread) when this host serves its ESAF."""
+        try:
+            message = json.loads(data)
+            identity = Identity(int(message["uid"]), int(message["gid"]))
+            sender = str(message.get("from", ""))
+        except (ValueError, KeyError, TypeError):
+            log.warning("bad ensure request %r: ignored", data[:200])
+            return
+        pool = self._pool
+        if pool is None or sender == self._settings.host or identity.is_root:
+            return
+        if not self._settings.serves_esaf(identity.gid):
+            return
+        log.info("host %s asks for a worker of %s: ensuring it here", sender, identity.queue)
+        with contextlib.suppress(RuntimeError):  # shut down
+            self._senders.submit(_ensure_quietly, pool, identity)
+
+    def _remote_live(self, identity: Identity) -> bool:
+        """Whether some host's worker of ``identity`` beats (queues.liveness)."""
+        return self._liveness is not None and self._liveness.any_live(identity)
 
     # -- completion -------------------------------------------------------------------
 
@@ -341,17 +444,23 @@ class CeleryDispatcher:
         with self._lock:
             entries = [(e.task_ids[-1], e) for e in _distinct(self._pending)]
         states: dict[Identity, WorkerState | None] = {}
+        hosts: dict[Identity, HostsState] = {}
         for task_id, entry in entries:
             if now >= entry.deadline:
                 waited_s = now - entry.started
                 text = f"{entry.kind} request timed out after {waited_s:.0f} s"
                 self.resolve(task_id, _unavailable(text, entry.request_id, "timeout"))
-            elif self._pool is not None and entry.epoch is not None:
+                continue
+            if self._pool is not None and entry.epoch is not None:
                 if entry.identity not in states:
                     states[entry.identity] = self._worker_state(entry.identity)
                 state = states[entry.identity]
                 if state is not None:
                     self._check_worker(task_id, entry, state, now)
+            if self._liveness is not None and entry.sent_at > 0.0 and not entry.future.done():
+                if entry.identity not in hosts:
+                    hosts[entry.identity] = self._liveness.state(entry.identity)
+                self._check_hosts(task_id, entry, hosts[entry.identity], now)
 
     def _check_worker(self, task_id: str, entry: _Pending, state: WorkerState, now: float) -> None:
         """Act on the worker state of a request that was sent: a worker that could have
@@ -361,15 +470,41 @@ class CeleryDispatcher:
         if epoch is None:
             return  # being sent again meanwhile
         if state.lost_since(epoch, entry.sent_at):
-            retry = entry.job is not None and entry.retries < MAX_RETRIES
-            if retry and entry.deadline - now >= RETRY_MIN_S:
-                self._send_again(entry)
-                return
-            text = f"worker for {entry.identity.queue} died while serving {entry.kind}"
-            self.resolve(task_id, _unavailable(text, entry.request_id))
+            self._lost(task_id, entry, now, f"worker for {entry.identity.queue}")
         elif state.epoch != epoch:
             entry.epoch = None
             self._hand_off(self._follow, task_id, entry)
+
+    def _check_hosts(self, task_id: str, entry: _Pending, state: HostsState, now: float) -> None:
+        """Act on every host's heartbeats: a worker (of any host) that could have taken
+        the request stopped beating after it was sent. ``index`` only when that worker's
+        last beat listed it as running (never sent twice, and never failed while it may
+        still run elsewhere)."""
+        with self._lock:
+            current = entry.sent_at > 0.0 and entry.task_ids[-1] == task_id
+        if not current:
+            return  # being sent again meanwhile
+        certain = entry.kind not in RETRIED_KINDS
+        gone = state.lost_since(
+            task_id, entry.sent_at, certain=certain, other_than=self._own_host_watched()
+        )
+        if gone is not None:
+            self._lost(task_id, entry, now, f"worker {gone.node}")
+
+    def _own_host_watched(self) -> str:
+        """Our host's name when its supervisor watches our host's workers (their deaths
+        are then judged by its exact times, not by heartbeats); else ""."""
+        return self._settings.host if self._pool is not None else ""
+
+    def _lost(self, task_id: str, entry: _Pending, now: float, who: str) -> None:
+        """A worker that could have taken the request is gone: send it again (once, if
+        idempotent and its deadline leaves time), else answer with the error."""
+        retry = entry.job is not None and entry.retries < MAX_RETRIES
+        if retry and entry.deadline - now >= RETRY_MIN_S:
+            self._send_again(entry)
+            return
+        text = f"{who} died while serving {entry.kind}"
+        self.resolve(task_id, _unavailable(text, entry.request_id))
 
     def _send_again(self, entry: _Pending) -> None:
         """Retry: the same job, sealed afresh, under a new task id (the first task's
@@ -381,6 +516,7 @@ class CeleryDispatcher:
                 return  # answered meanwhile
             entry.retries += 1
             entry.epoch = None
+            entry.sent_at = 0.0  # not sent yet: no loss can be seen for it meanwhile
             entry.task_ids.append(task_id)
             self._pending[task_id] = entry
         left_s = entry.deadline - time.monotonic()
@@ -430,10 +566,14 @@ class _ResultListener(threading.Thread):
     identity's prefix (``is:res:*:celery-task-meta-<our prefix>*``) and the identities'
     progress channels (``is:progress:*``)."""
 
-    def __init__(self, app: Celery, url: str, id_prefix: str, owner: CeleryDispatcher) -> None:
+    def __init__(
+        self, app: Celery, settings: Settings, id_prefix: str, owner: CeleryDispatcher
+    ) -> None:
         super().__init__(name="is-dispatch-results", daemon=True)
         self._app = app
-        self._url = url
+        self._settings = settings
+        assert settings.results is not None
+        self._url = settings.results
         self._owner = owner
         self._stopping = threading.Event()
         self.ready = threading.Event()
@@ -460,13 +600,15 @@ class _ResultListener(threading.Thread):
     def _serve(self) -> None:
         # RESP2 on purpose: redis-py's RESP3 push-message path parses a 200 KB result
         # about 5x slower (2.6 ms vs 0.5 ms measured for a 1024 px JPEG reply).
-        client = redis.Redis.from_url(
-            self._url, protocol=2, socket_connect_timeout=2.0, socket_keepalive=True
-        )
+        client = connect(
+            self._url, self._settings, protocol=2, socket_connect_timeout=2.0,
+            socket_keepalive=True,
+        )  # fmt: skip
         pubsub = client.pubsub()  # type: ignore[no-untyped-call]
         try:
             pubsub.psubscribe(self._pattern, self._progress_pattern)
-            self._await_subscription(pubsub, count=2)
+            pubsub.subscribe(ENSURE)
+            self._await_subscription(pubsub, count=3)
             self.ready.set()
             self._recover(client)
             while not self._stopping.is_set():
@@ -480,7 +622,7 @@ class _ResultListener(threading.Thread):
         deadline = time.monotonic() + SUBSCRIBE_WAIT_S
         while time.monotonic() < deadline and not self._stopping.is_set():
             message = pubsub.get_message(timeout=0.5)
-            if message is not None and message["type"] == "psubscribe":
+            if message is not None and message["type"] in ("psubscribe", "subscribe"):
                 count -= 1
                 if count == 0:
                     return
@@ -500,7 +642,9 @@ class _ResultListener(threading.Thread):
         consumed: list[bytes] = []
         message = pubsub.get_message(timeout=READ_TIMEOUT_S)
         while message is not None:
-            if message["type"] == "pmessage":
+            if message["type"] == "message":  # the ENSURE channel: another host asks
+                self._owner.on_ensure(bytes(message["data"]))
+            elif message["type"] == "pmessage":
                 channel = bytes(message["channel"])
                 if bytes(message["pattern"]) == self._progress_pattern:
                     self._owner.on_progress(channel, bytes(message["data"]))
@@ -524,6 +668,14 @@ class _ResultListener(threading.Thread):
             meta = {"status": "FAILURE", "result": None}
         if isinstance(meta, dict):
             self._owner.on_result(task_id, meta)
+
+
+def _ensure_quietly(pool: WorkerPool, identity: Identity) -> None:
+    """Start ``identity``'s worker for another host; a refusal or failure is only logged."""
+    try:
+        pool.ensure(identity)
+    except Exception as exc:
+        log.warning("ensure %s for another host failed: %s", identity.queue, exc)
 
 
 def result_key(identity: Identity, task_id: str) -> bytes:

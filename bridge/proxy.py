@@ -24,6 +24,9 @@ log = logging.getLogger(__name__)
 
 #: Same bound as the bridge's sockets (see bridge.server.SOCKET_HWM).
 PROXY_HWM = 10_000
+#: ZMTP heartbeats towards the bridges (backend only: clients may be old libzmq).
+HEARTBEAT_IVL_MS = 500
+HEARTBEAT_TIMEOUT_MS = 1500
 
 
 class Proxy:
@@ -38,7 +41,7 @@ class Proxy:
         self._ctx: zmq.Context[Any] = zmq.Context()
         try:
             self._front = self._bound(zmq.ROUTER, frontend)
-            self._back = self._bound(zmq.DEALER, backend)
+            self._back = self._bound(zmq.DEALER, backend, heartbeats=True)
         except zmq.ZMQError:
             self._ctx.destroy(linger=0)
             raise
@@ -46,11 +49,14 @@ class Proxy:
         self.backend = self._back.getsockopt_string(zmq.LAST_ENDPOINT)
         self._thread: threading.Thread | None = None
 
-    def _bound(self, kind: int, endpoint: str) -> zmq.Socket[Any]:
+    def _bound(self, kind: int, endpoint: str, *, heartbeats: bool = False) -> zmq.Socket[Any]:
         sock: zmq.Socket[Any] = self._ctx.socket(kind)
         sock.setsockopt(zmq.SNDHWM, PROXY_HWM)
         sock.setsockopt(zmq.RCVHWM, PROXY_HWM)
         sock.setsockopt(zmq.LINGER, 500)
+        if heartbeats:  # a bridge whose host vanished (no TCP close) is dropped in ~2 s
+            sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+            sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
         try:
             sock.bind(endpoint)
         except zmq.ZMQError as exc:

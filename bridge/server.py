@@ -62,6 +62,14 @@ DEADLINE_MARGIN_S = 5.0
 SHUTDOWN_GRACE_S = 2.0
 #: Messages read per loop turn before completions are delivered again (fairness).
 READ_BATCH = 256
+#: ZMTP heartbeats on the connection to the proxy (several hosts): we ping every
+#: HEARTBEAT_IVL_MS, and the proxy is told (TTL) to drop us after HEARTBEAT_TTL_MS
+#: without traffic, so it stops sending requests to a bridge whose host vanished
+#: without closing its TCP connection (power, network) within 2 s. We drop a silent
+#: proxy after HEARTBEAT_TIMEOUT_MS and reconnect.
+HEARTBEAT_IVL_MS = 500
+HEARTBEAT_TIMEOUT_MS = 1500
+HEARTBEAT_TTL_MS = 1500
 _WAKE = b"!"
 
 
@@ -397,8 +405,12 @@ def _open_router(context: zmq.Context[Any], settings: Settings) -> zmq.Socket[An
     sock.setsockopt(zmq.RCVHWM, SOCKET_HWM)
     sock.setsockopt(zmq.LINGER, LINGER_MS)
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-    # TCP keepalive (not ZMTP heartbeats, which peers older than libzmq 4.2 do not
-    # answer) so that a vanished proxy host is noticed and zmq reconnects.
+    # ZMTP heartbeats (libzmq >= 4.2 on both ends: ours and is-proxy) so that a dead
+    # bridge is dropped by the proxy and a dead proxy by us within seconds; TCP
+    # keepalive as well, for a peer that does not answer pings.
+    sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+    sock.setsockopt(zmq.HEARTBEAT_TTL, HEARTBEAT_TTL_MS)
     sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
     sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, 60)
     try:

@@ -37,6 +37,7 @@ from redis.retry import Retry
 
 from istasks import keys
 from istasks.errors import AuthError, IsError
+from istasks.redisconn import connect
 from istasks.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -104,6 +105,15 @@ def session_redis(url: str | None) -> redis.Redis:
         health_check_interval=30,
     )
     return client
+
+
+def _broker_redis(settings: Settings) -> redis.Redis:
+    """The broker Redis (every bridge's "seen" markers), behind Sentinel if configured."""
+    assert settings.broker is not None
+    return connect(
+        settings.broker, settings, socket_timeout=2.0, socket_connect_timeout=1.0,
+        retry=Retry(NoBackoff(), 1), health_check_interval=30,
+    )  # fmt: skip
 
 
 class SeenSessions:
@@ -203,7 +213,7 @@ class SessionVerifier:
         """
         key = load_public_key(settings.session_public_key)
         client = session_redis(settings.sessions)
-        marker_store = session_redis(settings.broker) if settings.broker else None
+        marker_store = _broker_redis(settings) if settings.broker else None
         return cls(client, key, seen=SeenSessions(marker_store))
 
     def verify(self, pid: str, esaf: int) -> Session:

@@ -14,6 +14,7 @@ from typing import Any
 from celery import Celery
 
 from istasks.keys import result_prefix
+from istasks.redisconn import celery_url, sentinel_options
 from istasks.settings import Settings, get_settings
 from queues.naming import Identity
 
@@ -32,9 +33,10 @@ def celery_config(settings: Settings, identity: Identity | None = None) -> dict[
     ``identity``: the configuration of that identity's worker, whose result keys are
     its own (:func:`worker_isolation`); None for the bridge and tools.
     """
+    sentinel = sentinel_options(settings)  # {} unless behind Redis Sentinel
     config = {
-        "broker_url": settings.broker,
-        "result_backend": settings.results,
+        "broker_url": celery_url(settings.broker, settings),
+        "result_backend": celery_url(settings.results, settings),
         # No pickle anywhere: anyone who can write to the broker could otherwise run
         # code as every per-user worker (CELERYSA-0001, field notes 3.1). Task messages
         # are JSON (one string argument); results are msgpack so JPEG bytes travel as
@@ -83,8 +85,9 @@ def celery_config(settings: Settings, identity: Identity | None = None) -> dict[
             # worker that stops cleanly still puts back what it took and did not start.
             "ack_emulation": False,
             "socket_connect_timeout": 2.0,
+            **sentinel,
         },
-        "result_backend_transport_options": {"socket_connect_timeout": 2.0},
+        "result_backend_transport_options": {"socket_connect_timeout": 2.0, **sentinel},
         "redis_socket_connect_timeout": 2.0,
         "redis_socket_timeout": 10.0,
         # A send to a dead broker fails within about a second instead of hanging.

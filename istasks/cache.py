@@ -39,7 +39,8 @@ from typing import Generic, Literal, Protocol, TypeVar
 import redis
 
 from istasks.errors import DataUnavailable
-from istasks.keys import file_identity, lock_key, reduced_key, stats_key
+from istasks.keys import file_identity, holder_alive_key, lock_key, reduced_key, stats_key
+from istasks.redisconn import connect
 
 log = logging.getLogger(__name__)
 
@@ -343,12 +344,22 @@ class ReducedCache(Generic[V]):
             holder = self._redis_call(lambda r: r.get(lock))
             if not isinstance(holder, bytes):
                 return self._from_redis(key)  # holder finished (or failed): last look
-            if holder_gone(holder):
+            if holder_gone(holder) or self._holder_host_lost(holder):
                 log.warning("lock holder %r of %s is gone; computing it here", holder, key)
                 self._release(lock, holder)
                 return None
         log.warning("waited %.0f s for %s; computing it here", LOCK_WAIT_S, key)
         return None
+
+    def _holder_host_lost(self, holder: bytes) -> bool:
+        """Whether a holder on another host is gone: its worker's liveness key
+        (queues.liveness, renewed every 0.5 s with a 1.5 s TTL) has expired. Issue 14:
+        a retry on this host used to wait out the lock's TTL of a killed host's worker."""
+        ident = holder.decode("ascii", "replace").partition("/")[0]
+        pid_text, _, host = ident.partition("@")
+        if not pid_text.isdigit() or not host or host == socket.gethostname():
+            return False
+        return self._redis_call(lambda r: r.exists(holder_alive_key(self.gid, ident))) == 0
 
     def _store(self, key: str, value: V) -> None:
         self.lru.put(key, value, value.nbytes)
@@ -561,9 +572,7 @@ class ReaderCache(Generic[T]):
 
 def _redis_client(url: str) -> redis.Redis:
     """Short timeouts: a slow cache must cost little before we give up on it."""
-    return redis.Redis.from_url(
-        url, socket_timeout=2.0, socket_connect_timeout=1.0, health_check_interval=30
-    )
+    return connect(url, socket_timeout=2.0, socket_connect_timeout=1.0, health_check_interval=30)
 
 
 def _get_refresh(r: redis.Redis, key: str, ttl_s: int) -> object:

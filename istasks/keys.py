@@ -16,10 +16,11 @@ REDUCED = f"{PREFIX}:r"  # reduced full-depth images, per gid
 LOCK = f"{PREFIX}:lock"  # single-flight computation locks, per gid
 STATS = f"{PREFIX}:stats"  # counters (cache hits, computations)
 WORKERS = f"{PREFIX}:workers"  # supervisor's registry of live workers
-ENSURE = f"{PREFIX}:ensure"  # supervisor request channel
+ENSURE = f"{PREFIX}:ensure"  # channel: a bridge asks other hosts' bridges for a worker
 PROGRESS = f"{PREFIX}:progress"  # progress channels (index: one per identity)
 RESULTS = f"{PREFIX}:res"  # Celery result keys and channels, per identity
 SEEN = f"{PREFIX}:seen"  # sessions a bridge verified, per (pid, esaf): "(7)" after logout
+HEARTBEAT = f"{PREFIX}:hb"  # workers' liveness across hosts, per identity and host
 
 #: How long "this session was verified here" outlives the session's last verification.
 #: The original remembered it for the life of the per-(pid, esaf) process, i.e. until
@@ -45,6 +46,14 @@ def lock_key(gid: int, cache_key: str) -> str:
     return f"{LOCK}:{gid}:{cache_key}"
 
 
+def holder_alive_key(gid: int, holder: str) -> str:
+    """Renewed (with a TTL) by a worker process while it lives, named by its cache-lock
+    holder id ``<pid>@<hostname>``: a worker of another host waiting on its lock can
+    tell it is gone (istasks.cache, queues.liveness). Under the gid's lock keys, so the
+    ACL of every worker of the ESAF reaches it."""
+    return f"{LOCK}:{gid}:alive:{holder}"
+
+
 def seen_session_key(pid: str, esaf: int) -> str:
     """Marker that session ``pid`` was verified for ``esaf`` (in the broker Redis, shared
     by every bridge). The pid is a bearer token, so the key holds a digest, never the pid."""
@@ -67,6 +76,23 @@ def result_prefix(uid: int, gid: int) -> str:
     """Celery ``global_keyprefix`` of an identity's worker: its results are stored and
     published under ``is:res:<uid>:<gid>:celery-task-meta-<task id>``."""
     return f"{RESULTS}:{uid}:{gid}:"
+
+
+def heartbeat_hosts_key(uid: int, gid: int) -> str:
+    """Set of the hosts whose worker of identity ``uid:gid`` has sent a heartbeat (the
+    bridge drops a host from it once its heartbeat key has expired)."""
+    return f"{HEARTBEAT}:{uid}:{gid}"
+
+
+def heartbeat_key(uid: int, gid: int, host: str) -> str:
+    """The heartbeat of identity ``uid:gid``'s worker on ``host``: expires unless renewed,
+    so a host lost with its worker is seen by every bridge (queues.liveness)."""
+    return f"{HEARTBEAT}:{uid}:{gid}:{host}"
+
+
+def heartbeat_patterns(uid: int, gid: int) -> list[str]:
+    """Key patterns of the identity's heartbeats (for its Redis ACL user)."""
+    return [heartbeat_hosts_key(uid, gid), f"{heartbeat_hosts_key(uid, gid)}:*"]
 
 
 def progress_channel(uid: int, gid: int) -> str:

@@ -52,6 +52,7 @@ from istasks.jobs import (
     view_params,
 )
 from istasks.keys import progress_channel
+from istasks.redisconn import connect
 from istasks.settings import Settings
 from queues.naming import Identity
 
@@ -314,7 +315,7 @@ def build_service(settings: Settings, identity: Identity, *, threads: int | None
     )
     progress = None
     if settings.results:
-        client = redis.Redis.from_url(settings.results, socket_timeout=2.0)
+        client = connect(settings.results, settings, socket_timeout=2.0)
         progress = ProgressOutlet(client, progress_channel(identity.uid, identity.gid))
     # Index jobs may run for many minutes; always leave a thread for views (bug 8/23).
     slots = threading.BoundedSemaphore(max(1, (threads or settings.worker_concurrency) - 1))

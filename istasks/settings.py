@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import socket
 import types
 import typing
 from collections.abc import Mapping
@@ -28,6 +29,11 @@ class Settings:
     result_url: str | None = None
     cache_url: str | None = None
     session_redis_url: str | None = None
+    # Redis failover: the sentinels (host:port,...) and the master's name. Set, the
+    # broker/result/cache URLs give only credentials and db (istasks.redisconn); the
+    # session store stays a plain URL.
+    redis_sentinels: str | None = None
+    redis_sentinel_master: str = "is"
     session_public_key: str | None = None
     # Only when redis_url is unset (``isctl up``, tests): the private redis-server's
     # budget. It holds the queues and the cache together, so at the budget it evicts
@@ -91,6 +97,11 @@ class Settings:
     gid_min: int = 1000
     gid_max: int = 4_000_000_000
     data_root: str | None = None
+    # Several hosts on one broker: the name this host goes by in worker node names,
+    # Redis ACL users, liveness heartbeats and task ids (default: the hostname), and the
+    # ESAF gids whose data this host has (comma-separated; unset: every ESAF).
+    host_name: str | None = None
+    host_esafs: str | None = None
     supervisor_socket: str = "/run/is/supervisor.sock"
     run_dir: str | None = None
 
@@ -146,6 +157,28 @@ class Settings:
     def cache(self) -> str | None:
         """Redis URL of the reduced-image cache."""
         return self.cache_url or self.redis_url
+
+    @property
+    def host(self) -> str:
+        """This host's name (``IS_HOST_NAME`` or the hostname), safe in node names, Redis
+        ACL user names and keys: no spaces, ``@`` or ``:``."""
+        raw = self.host_name or socket.gethostname() or "localhost"
+        return "".join(c if c.isalnum() or c in "-_." else "-" for c in raw)[:64]
+
+    @property
+    def esafs(self) -> frozenset[int] | None:
+        """The ESAF gids this host serves (``IS_HOST_ESAFS``); None: every ESAF."""
+        if not self.host_esafs or not self.host_esafs.strip():
+            return None
+        try:
+            return frozenset(int(part) for part in self.host_esafs.split(",") if part.strip())
+        except ValueError as exc:
+            raise ValueError(f"IS_HOST_ESAFS={self.host_esafs!r}: not a list of gids") from exc
+
+    def serves_esaf(self, gid: int) -> bool:
+        """Whether this host's supervisor starts workers for ESAF ``gid``."""
+        esafs = self.esafs
+        return esafs is None or gid in esafs
 
     @property
     def sessions(self) -> str | None:

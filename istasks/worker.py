@@ -17,25 +17,27 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
-import socket
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any
 
 from celery import signals
 from celery.backends.base import BackendStoreError
-from celery.backends.redis import RedisBackend
+from celery.backends.redis import RedisBackend, SentinelBackend
 from celery.concurrency.thread import ApplyResult, TaskPool
 from celery.worker.consumer import Consumer
 
 from istasks.app import create_app, master_secret
 from istasks.broker import use_pooled_client
 from istasks.logs import configure_logging
+from istasks.redisconn import celery_url, sentinel_hosts
 from istasks.settings import Settings, get_settings
 from queues import proctitle
 from queues.envelope import queue_key as derive_queue_key
-from queues.naming import parse_queue_name
+from queues.liveness import Heartbeat
+from queues.naming import Identity, parse_queue_name
 
 log = logging.getLogger(__name__)
 
@@ -69,12 +71,17 @@ def serve(
     service = build_service(settings, identity, threads=threads)
     app = create_app(settings, identity)
     # Before anything creates the (per-thread) backend: see StoreOnlyBackend.
-    app.conf.result_backend = f"{__name__}:StoreOnlyBackend+{settings.results}"
-    use_pooled_client(app, settings.broker)
+    backend = "StoreOnlySentinelBackend" if sentinel_hosts(settings) else "StoreOnlyBackend"
+    app.conf.result_backend = f"{__name__}:{backend}+{celery_url(settings.results, settings)}"
+    use_pooled_client(app, celery_url(settings.broker, settings))
     register(app, WorkerContext(queue, queue_key, settings, service))
-    node = hostname or f"is_{identity.uid}_{identity.gid}@{socket.gethostname()}"
+    node = hostname or f"is_{identity.uid}_{identity.gid}@{settings.host}"
+
+    heartbeat = _heartbeat(settings, identity, node)
 
     def _ready(**_: object) -> None:
+        if heartbeat is not None:
+            heartbeat.start()  # consuming now: other hosts' bridges may count on it
         log.info(
             "worker %s ready on %s in %.0f ms", node, queue, (time.monotonic() - started) * 1e3
         )
@@ -98,6 +105,8 @@ def serve(
     try:
         worker.start()
     finally:
+        if heartbeat is not None:
+            heartbeat.stop()
         service.close()
     if worker.exitcode:
         raise SystemExit(worker.exitcode)
@@ -115,6 +124,34 @@ def _titled(worker_cls: Any) -> Any:
             return title
 
     return TitledWorker
+
+
+def _heartbeat(settings: Settings, identity: Identity, node: str) -> Heartbeat | None:
+    """The worker's liveness heartbeat (queues.liveness) listing its running tasks, so
+    that every host's bridge sees it alive, and sees it go; None without a broker URL."""
+    if not settings.broker:
+        return None
+    running: set[str] = set()
+    lock = threading.Lock()
+
+    def _prerun(task_id: str = "", **_: object) -> None:
+        with lock:
+            running.add(task_id)
+
+    def _postrun(task_id: str = "", **_: object) -> None:
+        with lock:
+            running.discard(task_id)
+
+    def _active() -> list[str]:
+        with lock:
+            return list(running)
+
+    signals.task_prerun.connect(_prerun, weak=False)
+    signals.task_postrun.connect(_postrun, weak=False)
+    return Heartbeat(
+        settings.broker, identity, settings.host, node, _active, cache_url=settings.cache,
+        settings=settings,
+    )  # fmt: skip
 
 
 class WakingThreadPool(TaskPool):  # type: ignore[misc]
@@ -196,6 +233,12 @@ class StoreOnlyBackend(RedisBackend):  # type: ignore[misc]
         except BackendStoreError as ex:
             raise BackendStoreError(str(ex), state=state, task_id=task_id) from ex
         return result
+
+
+class StoreOnlySentinelBackend(SentinelBackend):  # type: ignore[misc]
+    """:class:`StoreOnlyBackend` behind Redis Sentinel (``IS_REDIS_SENTINELS``)."""
+
+    _store_result = StoreOnlyBackend._store_result
 
 
 def worker_key(queue: str, settings: Settings) -> bytes:

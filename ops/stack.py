@@ -77,6 +77,9 @@ class Stack:
     signing_key: Path | None = None
     #: The HTTP gateway's base URL (``http://127.0.0.1:<port>``) when it runs, else "".
     gateway_url: str = ""
+    #: Put in front of every component's command: e.g. ``ip netns exec NS unshare --uts
+    #: ...`` to run this stack as one host of several (tests/hosts_scenario.py).
+    command_prefix: tuple[str, ...] = ()
 
     @classmethod
     def start(
@@ -88,6 +91,7 @@ class Stack:
         supervisor: bool = True,
         via_proxy: bool = False,
         gateway: bool = False,
+        command_prefix: tuple[str, ...] = (),
     ) -> Stack:
         """Start every component; on any failure stop what was started and re-raise.
 
@@ -98,7 +102,12 @@ class Stack:
         """
         _check_settings(settings, via_proxy=via_proxy)
         run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        stack = cls(run_dir=run_dir.resolve(), settings=settings, flower_port=flower_port)
+        stack = cls(
+            run_dir=run_dir.resolve(),
+            settings=settings,
+            flower_port=flower_port,
+            command_prefix=command_prefix,
+        )
         try:
             stack._start_redis()
             stack._write_secrets()
@@ -231,7 +240,7 @@ class Stack:
         log_path = self.run_dir / f"{name}.log"
         out = open(log_path, "ab")  # noqa: SIM115 - owned by the child for its lifetime
         proc = subprocess.Popen(
-            [sys.executable, "-c", code],
+            [*self.command_prefix, sys.executable, "-c", code],
             env=self.env,
             stdout=out,
             stderr=subprocess.STDOUT,

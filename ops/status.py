@@ -6,7 +6,9 @@ wait (field notes 3.7). kombu's Redis transport keeps each queue as a Redis list
 list per priority step named ``<queue>\\x06\\x16<step>``, and records every declared
 queue in a ``_kombu.binding.<exchange>`` set; we read those directly. Workers come from
 the supervisor's control socket when it answers, else from its Redis registry
-(:data:`istasks.keys.WORKERS`), else they are reported as unknown.
+(:data:`istasks.keys.WORKERS`), else they are reported as unknown. Every host's workers
+(several hosts on one broker) come from their heartbeats (queues.liveness): per identity,
+the hosts whose worker beats, with node name and running tasks.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import redis
 
 from istasks import keys
 from istasks.errors import WorkerUnavailable
+from istasks.redisconn import connect
 from istasks.settings import Settings, get_settings
 from queues.naming import parse_queue_name
 
@@ -55,8 +58,8 @@ def collect_status(settings: Settings) -> dict[str, Any]:
     if not settings.broker:
         return {"error": "no broker configured: set IS_BROKER_URL or IS_REDIS_URL"}
     status: dict[str, Any] = {"broker": _redacted(settings.broker)}
-    client = redis.Redis.from_url(
-        settings.broker, socket_connect_timeout=2.0, socket_timeout=_REDIS_TIMEOUT_S
+    client = connect(
+        settings.broker, settings, socket_connect_timeout=2.0, socket_timeout=_REDIS_TIMEOUT_S
     )
     try:
         scan = _find_queues(client)
@@ -70,6 +73,8 @@ def collect_status(settings: Settings) -> dict[str, Any]:
         ]
         status["workers"] = _workers(settings, client)
         _attach_worker_states(status["queues"], status["workers"])
+        status["hosts"] = _hosts(client)
+        _attach_hosts(status["queues"], status["hosts"])
     except (redis.ConnectionError, redis.TimeoutError) as exc:
         status["error"] = f"broker unreachable at {status['broker']}: {exc}"
     except redis.RedisError as exc:  # e.g. NOPERM: a Redis user without SCAN/LLEN rights
@@ -204,6 +209,41 @@ def _attach_worker_states(rows: list[dict[str, Any]], workers: dict[str, Any]) -
         row["worker"] = None if states is None else states.get(interactive, "none")
 
 
+def _hosts(client: redis.Redis) -> list[dict[str, Any]]:
+    """Every host's live workers, from their heartbeats: one row per identity and host."""
+    rows: list[dict[str, Any]] = []
+    pattern = f"{keys.HEARTBEAT}:*"
+    for key in client.scan_iter(match=pattern, count=_SCAN_COUNT, _type="set"):
+        parts = _text(key).split(":")
+        if len(parts) != 4 or not (parts[2].isdigit() and parts[3].isdigit()):
+            continue
+        uid, gid = int(parts[2]), int(parts[3])
+        for host in sorted(_text(h) for h in client.smembers(key)):
+            beat_key = keys.heartbeat_key(uid, gid, host)
+            raw, ttl_ms = client.get(beat_key), client.pttl(beat_key)
+            if raw is None:
+                continue  # expired: that host's worker is gone
+            try:
+                beat = json.loads(raw)
+            except ValueError:
+                beat = {}
+            running = beat.get("active", []) if isinstance(beat, dict) else []
+            rows.append({
+                "queue": f"{uid}:{gid}", "host": host, "node": beat.get("node", "?"),
+                "running": len(running) if isinstance(running, list) else 0, "ttl_ms": ttl_ms,
+            })  # fmt: skip
+    return sorted(rows, key=lambda r: (r["queue"], r["host"]))
+
+
+def _attach_hosts(rows: list[dict[str, Any]], hosts: list[dict[str, Any]]) -> None:
+    """Each queue row gets the hosts whose worker of its identity beats."""
+    by_queue: dict[str, list[str]] = {}
+    for row in hosts:
+        by_queue.setdefault(row["queue"], []).append(row["host"])
+    for row in rows:
+        row["hosts"] = by_queue.get(f"{row['uid']}:{row['gid']}", [])
+
+
 def _read_registry(client: redis.Redis) -> list[dict[str, Any]]:
     """Every entry under the supervisor's registry prefix, whatever Redis type it uses."""
     names = [keys.WORKERS]
@@ -245,7 +285,19 @@ def format_status(status: dict[str, Any]) -> str:
     for row in status.get("other_queues", []):
         lines.append(f"other queue {row['queue']}: backlog {row['backlog']}")
     lines += _format_workers(status.get("workers", {}))
+    lines += _format_hosts(status.get("hosts", []))
     return "\n".join(lines)
+
+
+def _format_hosts(hosts: list[dict[str, Any]]) -> list[str]:
+    """Every host's live workers (heartbeats)."""
+    out = [f"workers on every host (heartbeats {keys.HEARTBEAT}:*):"]
+    if not hosts:
+        return [*out, "  (none beating)"]
+    for row in hosts:
+        out.append(f"  {row['queue']:<24} {row['host']:<20} {row['node']} "
+                   f"running={row['running']} ttl_ms={row['ttl_ms']}")  # fmt: skip
+    return out
 
 
 def _queue_table(rows: list[dict[str, Any]]) -> list[str]:

@@ -1,8 +1,9 @@
 """Per-identity Redis ACL users: a worker reaches its own ESAF's cache and its own queues.
 
-Every worker the supervisor starts gets a Redis user ``is_w_<tag>_<uid>_<gid>`` (the tag
-names the supervisor instance, so that two supervisors sharing a Redis never remove each
-other's users) with a fresh random password, handed over only inside the worker's
+Every worker the supervisor starts gets a Redis user ``is_w_<uid>_<gid>@<host>.<hash>``
+(the tag after ``@`` names the supervisor instance: its host, readable, and a short hash
+of host and socket, so that supervisors sharing a Redis, on several hosts or on one,
+never remove each other's users) with a fresh random password, handed over only inside the worker's
 broker/result/cache URLs. The user may touch the cache keys of its ESAF gid
 (:func:`istasks.keys.gid_pattern`), the keys of its own two queues, its own results
 (keys and channels under ``is:res:<uid>:<gid>:``), its own progress channel and the few
@@ -30,7 +31,8 @@ from urllib.parse import parse_qs, quote, urlsplit, urlunsplit
 import redis
 
 from istasks.errors import WorkerUnavailable
-from istasks.keys import gid_pattern, progress_channel, result_prefix
+from istasks.keys import gid_pattern, heartbeat_patterns, progress_channel, result_prefix
+from istasks.redisconn import connect
 from queues.naming import Identity
 
 log = logging.getLogger(__name__)
@@ -51,14 +53,21 @@ _EXPIRING_EXCHANGES = ("reply.celery.pidbox", "celeryev")
 _ADMIN_TIMEOUT_S = 2.0
 
 
-def supervisor_tag(*parts: str) -> str:
-    """Short stable tag of one supervisor instance (e.g. from its host and socket path)."""
-    return hashlib.blake2b("\0".join(parts).encode(), digest_size=4).hexdigest()
+def supervisor_tag(host: str, *parts: str) -> str:
+    """Stable tag of one supervisor instance: its host (readable in ``ACL LIST``) and a
+    short hash of the host and ``parts`` (its socket path: two on one host differ)."""
+    digest = hashlib.blake2b("\0".join((host, *parts)).encode(), digest_size=4).hexdigest()
+    return f"{host}.{digest}"
 
 
 def user_name(identity: Identity, tag: str) -> str:
-    """ACL user of one worker identity of supervisor ``tag``."""
-    return f"{USER_PREFIX}{tag}_{identity.uid}_{identity.gid}"
+    """ACL user of one worker identity of supervisor ``tag``: ``is_w_<uid>_<gid>@<tag>``."""
+    return f"{USER_PREFIX}{identity.uid}_{identity.gid}@{tag}"
+
+
+def is_own_user(name: str, tag: str) -> bool:
+    """Whether ``name`` is a worker user (or the probe) of supervisor ``tag``."""
+    return name.startswith(USER_PREFIX) and name.endswith(f"@{tag}")
 
 
 def node_name(identity: Identity) -> str:
@@ -85,6 +94,8 @@ def worker_rules(identity: Identity, broker_db: int) -> list[str]:
     # Results: SET (and PUBLISH, below) under the identity's own prefix only.
     results = result_prefix(identity.uid, identity.gid)
     rules.append(f"~{results}*")
+    # Liveness across hosts: its own heartbeats (queues.liveness), every host's.
+    rules += [f"~{pattern}" for pattern in heartbeat_patterns(identity.uid, identity.gid)]
     # Remote control (pidbox): its own node queue, the broadcast binding, replies.
     node = node_name(identity)
     rules += [f"~{node}*.celery.pidbox", f"~{node}*.celery.pidbox{KOMBU_SEP}*"]
@@ -147,7 +158,6 @@ class AclManager:
 
     def __init__(self, broker: str, results: str, cache: str, *, tag: str) -> None:
         self._urls = WorkerUrls(broker, results, cache)
-        self._prefix = f"{USER_PREFIX}{tag}_"
         self.tag = tag
         admin: dict[str, str] = {}
         for url in (broker, results, cache):
@@ -165,7 +175,7 @@ class AclManager:
     def _client(self, server: str) -> redis.Redis:
         client = self._clients.get(server)
         if client is None:
-            client = redis.Redis.from_url(
+            client = connect(
                 self._admin[server],
                 socket_timeout=_ADMIN_TIMEOUT_S,
                 socket_connect_timeout=_ADMIN_TIMEOUT_S,
@@ -196,7 +206,7 @@ class AclManager:
         version = str(client.info("server").get("redis_version", "0"))
         if int(version.split(".", maxsplit=1)[0]) < 7:
             raise redis.ResponseError(f"redis {version} < 7.0 has no ACL selectors")
-        probe = f"{self._prefix}probe"
+        probe = f"{USER_PREFIX}probe@{self.tag}"
         _setuser(client, probe, "reset", "off")
         client.acl_deluser(probe)
 
@@ -265,7 +275,7 @@ class AclManager:
                 log.warning("cannot list redis ACL users on %s: %s", server, exc)
                 continue
             names = [_text(u) for u in users]
-            self._delete([n for n in names if n.startswith(self._prefix)], servers=[server])
+            self._delete([n for n in names if is_own_user(n, self.tag)], servers=[server])
 
     def _delete(self, names: Sequence[str], servers: Iterable[str] | None = None) -> None:
         if not names:

@@ -100,7 +100,7 @@ class Supervisor:
         broker, results, cache = settings.broker, settings.results, settings.cache
         if not (broker and results and cache):
             raise ValueError("the supervisor needs IS_REDIS_URL (or broker/result/cache URLs)")
-        tag = supervisor_tag(socket.gethostname(), os.path.abspath(self.socket_path))
+        tag = supervisor_tag(settings.host, os.path.abspath(self.socket_path))
         self._acl = AclManager(broker, results, cache, tag=tag)
         self._sel = selectors.DefaultSelector()
         self._live: dict[Identity, Worker] = {}

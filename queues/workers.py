@@ -80,6 +80,8 @@ def refusal(settings: Settings, identity: Identity) -> str | None:
         return f"uid {identity.uid} is outside the served range {s.uid_min}..{s.uid_max}"
     if not s.gid_min <= identity.gid <= s.gid_max:
         return f"gid {identity.gid} is outside the served range {s.gid_min}..{s.gid_max}"
+    if not s.serves_esaf(identity.gid):
+        return f"ESAF {identity.gid} is not served on host {s.host} (IS_HOST_ESAFS)"
     return None
 
 

@@ -21,11 +21,14 @@ import redis
 
 from bridge.dispatch import RETRY_MIN_S, WATCH_INTERVAL_S, CeleryDispatcher, result_key
 from istasks.app import create_app
+from istasks.errors import WorkerUnavailable
 from istasks.replies import success_frames
 from istasks.settings import Settings
 from queues.envelope import open_envelope, queue_key
+from queues.liveness import INTERVAL_S, TTL_S, Heartbeat
 from queues.naming import Identity
 from queues.pool import Gone, WorkerState
+from queues.workers import refusal
 from tests.processes import wait_for
 
 SECRET = "dispatch-test-secret"
@@ -243,3 +246,147 @@ def test_request_sent_to_a_worker_already_dead_waits_for_the_next_one(
 def test_worker_state_lost_since(gone: tuple[Gone, ...], lost: bool) -> None:
     """A task sent at t=10 to worker 7."""
     assert WorkerState(None, gone).lost_since(7, 10.0) is lost
+
+
+# -- several hosts (issue 14): other hosts' workers seen through their heartbeats -----------
+
+
+class DownPool(ScriptedPool):
+    """This host's supervisor is unreachable (stopped, crashed)."""
+
+    def ensure(self, identity: Identity) -> int:
+        self.ensured.append(-1)
+        raise WorkerUnavailable("worker supervisor unreachable at /run/is/supervisor.sock")
+
+
+def _other_host(url: str, running: list[str] | None = None) -> Heartbeat:
+    """A worker of IDENT on another host, beating (listing ``running`` as its tasks)."""
+    beat = Heartbeat(url, IDENT, "otherhost", "is_4101_5101@otherhost", lambda: running or [])
+    beat.start()
+    return beat
+
+
+def _lose(beat: Heartbeat) -> None:
+    """The other host vanishes: its beats stop, its key is left to expire (no clean-up)."""
+    beat._stopping.set()
+    beat._thread.join()
+
+
+def test_view_whose_other_hosts_worker_vanished_is_sent_again(
+    settings: Settings, queue: Queue, make_dispatcher: Any, redis_url: str
+) -> None:
+    beat = _other_host(redis_url)
+    try:
+        future = make_dispatcher(settings, ScriptedPool()).submit(IDENT, "jpeg", {}, "r-host")
+        (first,) = queue.wait_messages(1)
+        time.sleep(2 * WATCH_INTERVAL_S)  # the dispatcher has seen it beat
+        lost_at = time.monotonic()
+        _lose(beat)
+        first, again = queue.wait_messages(2, timeout_s=TTL_S + NOTICE_S)
+        assert time.monotonic() - lost_at <= TTL_S + NOTICE_S
+        assert first["headers"]["id"] != again["headers"]["id"]
+        queue.answer(again, b"echo", b"meta", b"jpeg")
+        assert _resolved(future) == success_frames(b"echo", b"meta", b"jpeg")
+    finally:
+        beat.stop()
+
+
+def test_index_is_failed_only_when_the_vanished_worker_ran_it(
+    settings: Settings, queue: Queue, make_dispatcher: Any, redis_url: str
+) -> None:
+    running: list[str] = []
+    beat = _other_host(redis_url, running)
+    try:
+        dispatcher = make_dispatcher(settings, ScriptedPool())
+        theirs = dispatcher.submit(IDENT, "index", {"type": "index"}, "r-theirs")
+        (message,) = queue.wait_messages(1)
+        mine = dispatcher.submit(IDENT, "index", {"type": "index"}, "r-queued")
+        queue.wait_messages(2)
+        running.append(message["headers"]["id"])  # the other host's worker took it
+        time.sleep(INTERVAL_S + 2 * WATCH_INTERVAL_S)  # beaten and read
+        _lose(beat)
+        assert _resolved(theirs) == [b"bridge: worker is_4101_5101@otherhost died while "
+                                     b"serving index (request r-theirs)"]  # fmt: skip
+        time.sleep(2 * WATCH_INTERVAL_S)
+        assert not mine.done()  # never run twice, never failed while it may still run
+        assert len(queue.messages()) == 2
+    finally:
+        beat.stop()
+
+
+def test_unreachable_supervisor_sends_to_another_hosts_worker(
+    settings: Settings, queue: Queue, make_dispatcher: Any, redis_url: str
+) -> None:
+    """Issue 14: the bridge answered "worker supervisor unreachable" although another
+    host's worker consumed the queue."""
+    dispatcher = make_dispatcher(settings, DownPool())
+    alone = dispatcher.submit(IDENT, "jpeg", {}, "r-alone")
+    assert b"worker supervisor unreachable" in _resolved(alone)[0]
+    beat = _other_host(redis_url)
+    try:
+        future = dispatcher.submit(IDENT, "jpeg", {}, "r-elsewhere")
+        (message,) = queue.wait_messages(1)
+        queue.answer(message, b"echo", b"meta", b"jpeg")
+        assert _resolved(future) == success_frames(b"echo", b"meta", b"jpeg")
+    finally:
+        beat.stop()
+
+
+def test_esaf_not_served_here_goes_to_another_hosts_worker(
+    queue: Queue, make_dispatcher: Any, redis_url: str
+) -> None:
+    settings = Settings(
+        redis_url=redis_url, task_secret=SECRET, view_timeout_s=10.0, host_esafs="1,2"
+    )
+    pool = ScriptedPool()
+    dispatcher = make_dispatcher(settings, pool)
+    refused = _resolved(dispatcher.submit(IDENT, "jpeg", {}, "r-none"))
+    assert b"ESAF 5101 is not served on host" in refused[0]
+    beat = _other_host(redis_url)
+    try:
+        future = dispatcher.submit(IDENT, "jpeg", {}, "r-there")
+        (message,) = queue.wait_messages(1)
+        queue.answer(message, b"echo", b"meta", b"jpeg")
+        assert _resolved(future) == success_frames(b"echo", b"meta", b"jpeg")
+        assert pool.ensured == []  # this host's supervisor is never asked
+    finally:
+        beat.stop()
+    assert refusal(settings, IDENT) == (
+        f"ESAF 5101 is not served on host {settings.host} (IS_HOST_ESAFS)"
+    )
+
+
+class StartingPool(ScriptedPool):
+    """A host's pool whose ensure starts a worker that beats (as its supervisor would)."""
+
+    def __init__(self, url: str, host: str) -> None:
+        super().__init__()
+        self.url, self.host = url, host
+        self.beats: list[Heartbeat] = []
+
+    def ensure(self, identity: Identity) -> int:
+        if not self.beats:
+            node = f"is_{identity.uid}_{identity.gid}@{self.host}"
+            self.beats.append(Heartbeat(self.url, identity, self.host, node))
+            self.beats[0].start()
+        return super().ensure(identity)
+
+
+def test_a_host_not_serving_the_esaf_has_another_host_start_a_worker(
+    queue: Queue, make_dispatcher: Any, redis_url: str
+) -> None:
+    """No worker of the identity runs anywhere: host B (not serving the ESAF) asks the
+    other bridges on ``is:ensure``; host A, which serves it, starts one; B sends there."""
+    base = {"redis_url": redis_url, "task_secret": SECRET, "view_timeout_s": 10.0}
+    serving = StartingPool(redis_url, "hosta")
+    make_dispatcher(Settings(**base, host_name="hosta"), serving)
+    other = make_dispatcher(Settings(**base, host_name="hostb", host_esafs="1"), ScriptedPool())
+    try:
+        future = other.submit(IDENT, "jpeg", {}, "r-ask")
+        (message,) = queue.wait_messages(1, timeout_s=NOTICE_S + 5.0)
+        assert serving.ensured == [1]  # started on host A, on host B's request
+        queue.answer(message, b"echo", b"meta", b"jpeg")
+        assert _resolved(future) == success_frames(b"echo", b"meta", b"jpeg")
+    finally:
+        for beat in serving.beats:
+            beat.stop()

@@ -27,7 +27,7 @@ from istasks.core.params import ViewParams
 from istasks.core.readers.base import Frame
 from istasks.core.view import Reduced, reduce_frame
 from istasks.errors import DataUnavailable
-from istasks.keys import REDUCED, lock_key, stats_key
+from istasks.keys import REDUCED, holder_alive_key, lock_key, stats_key
 from ops.redisserver import free_port
 from tests.processes import wait_for
 
@@ -260,10 +260,30 @@ def test_lock_of_a_live_holder_is_waited_for(
     cache = make_cache(redis_url)
     lock = lock_key(GID, cache.key(stat_version(str(image_file)), VIEW.cache_token()))
     host = socket.gethostname() if holder == "this process" else "elsewhere"
-    redis.Redis.from_url(redis_url).set(lock, f"{os.getpid()}@{host}/computing", px=15_000)
+    client = redis.Redis.from_url(redis_url)
+    client.set(lock, f"{os.getpid()}@{host}/computing", px=15_000)
+    # another host's worker beats (queues.liveness) while it lives
+    client.set(holder_alive_key(GID, f"{os.getpid()}@elsewhere"), b"1", px=15_000)
     started = time.monotonic()
     cache.get(str(image_file), VIEW.cache_token(), Computer(rng))
     assert time.monotonic() - started >= 0.5
+
+
+def test_lock_of_another_hosts_holder_that_stopped_beating_is_taken_over(
+    redis_url: str, image_file: Path, rng: np.random.Generator
+) -> None:
+    """Issue 14: a host killed while computing leaves its lock for up to its TTL; its
+    liveness key expires within 1.5 s, and a worker of another host computes the image
+    instead of waiting the lock out (a retried view waited 10 s)."""
+    cache = make_cache(redis_url)
+    lock = lock_key(GID, cache.key(stat_version(str(image_file)), VIEW.cache_token()))
+    client = redis.Redis.from_url(redis_url)
+    client.set(lock, b"4242@lost-host/computing", px=15_000)  # no liveness key: it is gone
+    compute = Computer(rng)
+    started = time.monotonic()
+    cache.get(str(image_file), VIEW.cache_token(), compute)
+    assert time.monotonic() - started < 1.0
+    assert compute.calls == 1
 
 
 def test_holder_gone_only_for_a_process_of_this_host_that_ended() -> None:

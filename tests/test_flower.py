@@ -4,6 +4,7 @@ answers its API only with the configured credentials and sees a real worker."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import socket
@@ -288,3 +289,29 @@ def test_flower_deployments_enable_task_events() -> None:
     assert compose["x-is-env"]["IS_TASK_EVENTS"] == "true"
     assert compose["services"]["supervisor"]["environment"]["IS_TASK_EVENTS"] == "true"
     assert Settings().task_events is False  # where nobody listens, off
+
+
+@pytest.mark.slow
+def test_sees_every_hosts_worker_of_one_identity(redis_url: str, tmp_path: Path) -> None:
+    """Several hosts on one broker (issue 14): Flower lists each host's worker of the
+    identity under its own name, ``is_<uid>_<gid>@<host>``."""
+    secret = os.urandom(16).hex()
+    nodes = {host: f"is_1000_1000@{host}" for host in ("beamline-a", "beamline-b")}
+    cmd = [sys.executable, "-m", "istasks.worker", "--queue", "1000:1000"]
+    with contextlib.ExitStack() as stack:
+        workers = [
+            stack.enter_context(
+                _process(cmd, _child_env(redis_url, IS_TASK_SECRET=secret, IS_HOST_NAME=host),
+                         tmp_path / f"worker-{host}.log")
+            )
+            for host in nodes
+        ]  # fmt: skip
+        base, _ = stack.enter_context(_flower(redis_url, tmp_path))
+        deadline = time.monotonic() + 90
+        seen: dict[str, object] = {}
+        while not set(nodes.values()) <= set(seen):
+            dead = [w for w in workers if w.poll() is not None]
+            if dead or time.monotonic() > deadline:
+                pytest.fail(f"Flower's workers {list(seen)}, wanted {list(nodes.values())}")
+            time.sleep(0.5)
+            seen = json.loads(_get(base + "/api/workers?refresh=1", auth=AUTH)[1])

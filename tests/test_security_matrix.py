@@ -417,12 +417,8 @@ def esafs(stack: Stack, accounts: Accounts) -> Iterator[tuple[EsafData, EsafData
 def _worker_user(admin: redis.Redis, identity: Identity) -> str:
     """The Redis ACL user the supervisor made for the identity's worker, as the server
     sees the worker's own connections (CLIENT LIST)."""
-    suffix = f"_{identity.uid}_{identity.gid}"
-    users = {
-        entry["user"]
-        for entry in admin.client_list()
-        if entry["user"].startswith(USER_PREFIX) and entry["user"].endswith(suffix)
-    }
+    prefix = f"{USER_PREFIX}{identity.uid}_{identity.gid}@"  # is_w_<uid>_<gid>@<host>.<hash>
+    users = {entry["user"] for entry in admin.client_list() if entry["user"].startswith(prefix)}
     assert len(users) == 1, f"worker connections of {identity.queue}: {users}"
     return users.pop()
 

@@ -20,6 +20,7 @@ from istasks.app import create_app
 from istasks.settings import Settings, reset_settings
 from ops.redisserver import free_port
 from ops.status import collect_status, format_status, main
+from queues.liveness import Heartbeat
 from queues.naming import Identity
 from tests.processes import terminate
 
@@ -108,6 +109,30 @@ def test_registry_entries_are_shown(redis_url: str, tmp_path: Path) -> None:
     assert workers["source"] == "registry"
     assert workers["registry"][0]["member"] == "1000:1000"
     assert "4242" in format_status(status)
+
+
+def test_every_hosts_workers_are_shown(redis_url: str, tmp_path: Path) -> None:
+    """Several hosts: each host's worker of an identity, from its heartbeat."""
+    settings = _settings(redis_url, tmp_path)
+    _send(settings, "1000:1000", 1)
+    beats = [
+        Heartbeat(redis_url, Identity(1000, 1000), host, f"is_1000_1000@{host}", lambda: ["t1"])
+        for host in ("beamline-a", "beamline-b")
+    ]
+    for beat in beats:
+        beat.start()
+    try:
+        status = collect_status(settings)
+    finally:
+        for beat in beats:
+            beat.stop()
+    assert [(r["host"], r["running"]) for r in status["hosts"]] == [
+        ("beamline-a", 1), ("beamline-b", 1)
+    ]  # fmt: skip
+    assert _row(status, "1000:1000")["hosts"] == ["beamline-a", "beamline-b"]
+    text = format_status(status)
+    assert "is_1000_1000@beamline-a" in text and "is_1000_1000@beamline-b" in text
+    assert collect_status(settings)["hosts"] == []  # stopped: gone at once
 
 
 def test_unreachable_broker_is_reported_not_raised(tmp_path: Path) -> None:

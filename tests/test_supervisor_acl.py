@@ -13,9 +13,15 @@ import redis
 
 from bridge.dispatch import CeleryDispatcher
 from istasks.app import create_app
-from istasks.keys import progress_channel, reduced_key, result_prefix
+from istasks.keys import (
+    heartbeat_hosts_key,
+    heartbeat_key,
+    progress_channel,
+    reduced_key,
+    result_prefix,
+)
 from istasks.settings import Settings
-from queues.acl import USER_PREFIX, AclManager, with_credentials
+from queues.acl import USER_PREFIX, AclManager, supervisor_tag, user_name, with_credentials
 from queues.naming import Identity
 from tests.supervisor_harness import SECRET, probe, probe_app, running_supervisor, shared_tempdir
 
@@ -142,10 +148,10 @@ def test_revoked_user_can_no_longer_connect(acl: AclManager) -> None:
 
 def test_users_lost_by_a_restarted_redis_are_restored(acl: AclManager, redis_url: str) -> None:
     url = acl.grant(A).cache
-    redis.Redis.from_url(redis_url).acl_deluser(f"{USER_PREFIX}{TAG}_{A.uid}_{A.gid}")
+    redis.Redis.from_url(redis_url).acl_deluser(user_name(A, TAG))
     with pytest.raises(redis.exceptions.AuthenticationError):
         redis.Redis.from_url(url).ping()
-    assert acl.restore_missing() == [f"{USER_PREFIX}{TAG}_{A.uid}_{A.gid}"]
+    assert acl.restore_missing() == [user_name(A, TAG)]
     assert redis.Redis.from_url(url).ping() is True  # same password as before
     assert acl.restore_missing() == []
 
@@ -160,16 +166,34 @@ def test_new_grant_replaces_the_password(acl: AclManager) -> None:
 
 
 def test_probe_removes_only_this_supervisors_leftover_users(redis_url: str) -> None:
+    """Several hosts share one Redis: a supervisor removes its own users only, and the
+    names say whose they are (``is_w_<uid>_<gid>@<host>.<hash>``)."""
     admin = redis.Redis.from_url(redis_url)
-    for name in (f"{USER_PREFIX}{TAG}_7_7", f"{USER_PREFIX}other_7_7"):
+    mine, other_host = supervisor_tag("hosta", "/run/is/s.sock"), supervisor_tag("hostb", "/x")
+    assert mine.startswith("hosta.") and other_host.startswith("hostb.")
+    assert user_name(Identity(7, 7), mine) == f"{USER_PREFIX}7_7@{mine}"
+    names = (user_name(Identity(7, 7), mine), user_name(Identity(7, 7), other_host))
+    for name in names:
         admin.acl_setuser(name, enabled=False)
-    manager = AclManager(redis_url, redis_url, redis_url, tag=TAG)
+    manager = AclManager(redis_url, redis_url, redis_url, tag=mine)
     manager.probe()
     users = {u.decode() if isinstance(u, bytes) else u for u in admin.acl_users()}
-    assert f"{USER_PREFIX}{TAG}_7_7" not in users
-    assert f"{USER_PREFIX}other_7_7" in users
-    admin.acl_deluser(f"{USER_PREFIX}other_7_7")
+    assert names[0] not in users
+    assert names[1] in users
+    admin.acl_deluser(names[1])
     manager.close()
+
+
+def test_worker_beats_for_its_own_identity_only(acl: AclManager) -> None:
+    """Liveness across hosts: a worker's user may renew its identity's heartbeats (any
+    host's name) and nobody else's."""
+    worker = redis.Redis.from_url(acl.grant(Identity(1000, 2000)).broker)
+    assert worker.set(heartbeat_key(1000, 2000, "hosta"), b"{}", px=1500) is True
+    assert worker.sadd(heartbeat_hosts_key(1000, 2000), "hosta") == 1
+    for uid, gid in ((1000, 20001), (1000, 200), (5001, 6001)):
+        assert _denied(functools.partial(worker.set, heartbeat_key(uid, gid, "hosta"), b"{}"))
+        assert _denied(functools.partial(worker.sadd, heartbeat_hosts_key(uid, gid), "h"))
+    worker.close()
 
 
 def test_without_admin_rights_acls_are_off_and_urls_unchanged(redis_url: str) -> None:

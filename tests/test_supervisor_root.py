@@ -100,7 +100,7 @@ def test_worker_gets_only_its_own_key_and_redis_user(
         assert secret not in env
     assert SECRET not in json.dumps(env)
     assert env["IS_BROKER_URL"].startswith("redis://is_w_")
-    assert f"_{a.uid}_{a.gid}:" in env["IS_CACHE_URL"]
+    assert f"redis://is_w_{a.uid}_{a.gid}%40" in env["IS_CACHE_URL"]  # ...@<host>.<hash>
 
 
 def test_kernel_refuses_another_esafs_file(
