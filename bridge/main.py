@@ -20,6 +20,7 @@ from types import FrameType
 from typing import TYPE_CHECKING
 
 from bridge.sessions import SessionConfigError, SessionVerifier
+from istasks.cache_budget import warn_about_cache_server
 from istasks.logs import configure_logging
 from istasks.settings import Settings, get_settings
 from queues.identity import IdentityResolver
@@ -94,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
 
     settings = _parse_args(argv, get_settings())
     configure_logging(settings, "is-bridge")
+    warn_about_cache_server(settings.cache, settings.broker, settings.cache_max_bytes)
     try:
         sessions = SessionVerifier.from_settings(settings)
         identities = IdentityResolver.from_settings(settings)

@@ -270,6 +270,7 @@ def build_service(settings: Settings, identity: Identity, *, threads: int | None
         Reduced.from_bytes,
         ttl_s=settings.cache_ttl_s,
         lru_max_bytes=settings.lru_max_bytes,
+        redis_max_bytes=settings.cache_max_bytes,
     )
     readers: ReaderCache[FrameReader] = ReaderCache(
         READER_CACHE_SIZE, open_reader, lambda reader: reader.close()

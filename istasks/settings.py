@@ -56,6 +56,10 @@ class Settings:
     # Image core and cache.
     jpeg_quality: int = 90
     cache_ttl_s: int = 3600
+    # Bytes of reduced images in the cache Redis, every ESAF together: a write past it
+    # evicts the least recently used images first (istasks.cache.CacheBudget), whatever
+    # the instance's own maxmemory says (a shared Redis without one grew to 9 GB).
+    cache_max_bytes: int = 1024 * 1024 * 1024
     lru_max_bytes: int = 512 * 1024 * 1024
     # Rendered jpeg replies kept per worker: a repeated identical view skips contrast+encode.
     jpeg_lru_max_bytes: int = 64 * 1024 * 1024
@@ -79,6 +83,11 @@ class Settings:
     worker_idle_s: float = 600.0
     worker_max: int = 64
     worker_concurrency: int = 4
+    # Memory of every worker of this host together (0: a share of the machine's memory,
+    # queues.budget.default_workers_max_bytes). Each live worker gets an equal share for
+    # its in-process caches (the two LRU settings above are ceilings) and is recycled
+    # between requests when past its share even with its caches dropped.
+    workers_max_bytes: int = 0
     uid_min: int = 1000
     uid_max: int = 4_000_000_000
     gid_min: int = 1000

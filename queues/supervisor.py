@@ -31,6 +31,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from istasks.app import master_secret
+from istasks.cache_budget import warn_about_cache_server
 from istasks.errors import IsError
 from istasks.logs import configure_logging
 from istasks.settings import Settings, get_settings
@@ -146,6 +147,8 @@ class Supervisor:
         self._sel.register(self._wake_r, selectors.EVENT_READ, self._on_wake)
         self._zygote = self._start_zygote()
         self._acl.probe()
+        s = self.settings
+        warn_about_cache_server(s.cache, s.broker, s.cache_max_bytes)
         self._control = control.ControlServer(
             self.socket_path, self.client_group, self._sel, self._handle_line
         )
