@@ -180,6 +180,20 @@ class ByteLRU(Generic[T]):
                 _, (_, evicted) = self._items.popitem(last=False)
                 self._bytes -= evicted
 
+    def resize(self, max_bytes: int) -> None:
+        """A new budget (the supervisor's share, istasks.memory); evicts down to it now."""
+        with self._lock:
+            self.max_bytes = max_bytes
+            while self._bytes > self.max_bytes and self._items:
+                _, (_, evicted) = self._items.popitem(last=False)
+                self._bytes -= evicted
+
+    def clear(self) -> None:
+        """Drop every value (a worker past its hard memory limit)."""
+        with self._lock:
+            self._items.clear()
+            self._bytes = 0
+
     @property
     def nbytes(self) -> int:
         """Bytes currently held."""

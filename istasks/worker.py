@@ -32,6 +32,7 @@ from celery.worker.consumer import Consumer
 from istasks.app import create_app, master_secret
 from istasks.broker import use_pooled_client
 from istasks.logs import configure_logging
+from istasks.memory import GOVERNOR
 from istasks.settings import Settings, get_settings
 from queues.envelope import queue_key as derive_queue_key
 from queues.naming import parse_queue_name
@@ -66,6 +67,7 @@ def serve(
 
     threads = concurrency or settings.worker_concurrency
     service = build_service(settings, identity, threads=threads)
+    GOVERNOR.attach(service.cache.lru, service.jpegs, service.readers.close)
     app = create_app(settings, identity)
     # Before anything creates the (per-thread) backend: see StoreOnlyBackend.
     app.conf.result_backend = f"{__name__}:StoreOnlyBackend+{settings.results}"
