@@ -57,7 +57,12 @@ def build_dispatcher(settings: Settings) -> Dispatcher:
 def start_metrics(settings: Settings, port: int) -> tuple[BridgeMetrics, list[Callable[[], None]]]:
     """The bridge's metrics, served on ``settings.metrics_address:port``, with the live
     worker count from the supervisor when one runs; and what closes them."""
-    from bridge.metrics import BridgeMetrics, MetricsEndpoint, SupervisorWorkerCount
+    from bridge.metrics import (
+        BridgeMetrics,
+        CacheUsageReader,
+        MetricsEndpoint,
+        SupervisorWorkerCount,
+    )
 
     metrics = BridgeMetrics()
     closers: list[Callable[[], None]] = []
@@ -66,7 +71,12 @@ def start_metrics(settings: Settings, port: int) -> tuple[BridgeMetrics, list[Ca
 
         count = SupervisorWorkerCount(SupervisorClient(settings))  # its own connection
         metrics.track_workers(count)
+        metrics.track_memory(count.status)
         closers.append(count.close)
+    if settings.cache:
+        usage = CacheUsageReader(settings.cache, settings.cache_max_bytes)
+        metrics.track_cache(usage)
+        closers.append(usage.close)
     try:
         endpoint = MetricsEndpoint(metrics, settings.metrics_address, port)
     except BaseException:

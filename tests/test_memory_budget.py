@@ -22,12 +22,15 @@ from typing import Any
 
 import numpy as np
 import pytest
+from prometheus_client import generate_latest
 
+from bridge.metrics import BridgeMetrics, CacheUsageReader, SupervisorWorkerCount
 from istasks.cache import ByteLRU
 from istasks.memory import MemoryGovernor
 from istasks.settings import Settings
 from ops.client import request
 from ops.stack import Stack, dev_user
+from ops.status import collect_status, format_status
 from ops.testdata.eiger import write_eiger
 from queues.budget import (
     MIB,
@@ -237,3 +240,38 @@ def test_worker_past_its_hard_limit_is_recycled_without_failing_a_request(
     logs = "".join(p.read_text(errors="replace") for p in (data / "run").glob("*.log"))
     assert "memory past the hard limit" in logs and "worker recycle" in logs
     assert "died while serving" not in logs and "sent again" not in logs
+
+
+def test_status_and_metrics_show_the_budgets(small_stack: tuple[Stack, Path, str]) -> None:
+    """``isctl status`` and the bridge's metrics: the cache's bytes in Redis (budget,
+    used, evictions) and each worker's PSS against the host budget."""
+    stack, data, pid = small_stack
+    for xsize in (256, 300):
+        job = {"type": "jpeg", "pid": pid, "esaf": 0, "fn": str(data / "x_master.h5"),
+               "xsize": xsize, "frame": 1}  # fmt: skip
+        assert_success_reply(request(stack.endpoint, job, timeout_s=40), 4)
+    settings = Settings.from_env(stack.env)
+    status = collect_status(settings)
+    assert status["cache"]["max_bytes"] == settings.cache_max_bytes
+    assert status["cache"]["entries"] == 2 and status["cache"]["used_bytes"] > 2 * 256 * 256
+    memory = status["workers"]["supervisor"]["memory"]
+    assert memory["workers_max_bytes"] == 64 * MIB and memory["pss_bytes"] > 0
+    text = format_status(status)
+    assert "cache (Redis, every ESAF):" in text and "used by 2 image(s), 0 evicted" in text
+    assert "memory: workers' PSS" in text and "of 64.0 MiB for 1 worker(s)" in text
+    metrics = BridgeMetrics()
+    usage = CacheUsageReader(settings.cache or "", settings.cache_max_bytes)
+    supervisor = SupervisorClient(settings)
+    count = SupervisorWorkerCount(supervisor)
+    metrics.track_cache(usage)
+    metrics.track_memory(count.status)
+    try:
+        scraped = generate_latest(metrics.registry).decode()
+    finally:
+        usage.close()
+        count.close()
+    assert "is_cache_redis_budget_bytes 1.073741824e+09" in scraped
+    assert "is_cache_redis_images 2.0" in scraped
+    assert "is_cache_redis_evictions_total 0.0" in scraped
+    assert "is_workers_memory_budget_bytes 6.7108864e+07" in scraped
+    assert re.search(r'is_worker_pss_bytes\{queue="\d+:\d+"\} [1-9]', scraped), scraped
