@@ -64,6 +64,11 @@ class Settings:
     # Rendered jpeg replies kept per worker: a repeated identical view skips contrast+encode.
     jpeg_lru_max_bytes: int = 64 * 1024 * 1024
     max_xsize: int = 10000
+    # Cost limits against one user starving a host: pixels of one view (a 10000 px view
+    # costs 4 s of CPU and 400 MB), and requests one session may have in flight at once
+    # (0: no limit). Over them: the blank image with the reason, and an error frame.
+    view_max_pixels: int = 4096 * 4096
+    session_max_in_flight: int = 16
     spot_sensitivity: float = 1.5
     # Our edge fold (istasks.core.reduce): off gives the original's picture to the pixel;
     # on adds the far-edge pixels no box reaches to the edge row/column (numbers unchanged).
