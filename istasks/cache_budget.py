@@ -49,8 +49,10 @@ local stale = redis.call('ZRANGEBYSCORE', index, '-inf', stale_before, 'LIMIT', 
 for _, member in ipairs(stale) do forget(member, true) end
 if tonumber(redis.call('GET', used_key) or '0') < 0 then redis.call('SET', used_key, 0) end
 redis.call('SET', key, data, 'EX', ttl)
--- What Redis holds for it (allocator rounding included: a 4 MiB value takes 5 MiB).
-local size = tonumber(redis.call('MEMORY', 'USAGE', key, 'SAMPLES', '0') or #data)
+-- What Redis holds for it (allocator rounding included: a 4 MiB value takes 5 MiB); a
+-- managed Redis may refuse MEMORY: then the value's length and a little.
+local held = redis.pcall('MEMORY', 'USAGE', key, 'SAMPLES', '0')
+local size = type(held) == 'number' and held or #data + 64
 local evicted = 0
 while tonumber(redis.call('GET', used_key) or '0') + size > budget do
   local oldest = redis.call('ZRANGE', index, 0, 0)[1]

@@ -237,3 +237,20 @@ def test_unreachable_cache_is_not_a_start_up_failure(caplog: pytest.LogCaptureFi
     with caplog.at_level(logging.INFO, logger="istasks.cache_budget"):
         cache_budget.warn_about_cache_server("redis://127.0.0.1:1/0", None, 1 << 30)
     assert "not checked" in caplog.text
+
+
+def test_a_redis_without_memory_usage_counts_the_value_length() -> None:
+    """A managed Redis may disable MEMORY: the budget then counts the value's length."""
+    server = start_redis(extra_args=("--rename-command", "MEMORY", ""))
+    client = redis.Redis.from_url(server.url)
+    try:
+        with pytest.raises(redis.ResponseError):
+            client.memory_usage("x")
+        budget = CacheBudget(2 * (IMAGE_BYTES + 64))
+        for name in "abc":
+            _store(client, budget, 5001, name)
+        usage = cache_usage(client, budget.max_bytes)
+        assert (usage.used_bytes, usage.entries, usage.evictions) == (2 * (IMAGE_BYTES + 64), 2, 1)
+    finally:
+        client.close()
+        server.stop()
