@@ -172,8 +172,11 @@ def drive(
     """The clients and the sampler, for ``duration_s``."""
     started = time.monotonic()
     soak = Soak(stack, settings, masters, urls, started, started + duration_s)
-    threads = [threading.Thread(target=client, args=(soak, pid, n)) for n, pid in enumerate(pids)]
-    threads.append(threading.Thread(target=sample_memory, args=(soak,)))
+    threads = [
+        threading.Thread(target=client, args=(soak, pid, n), daemon=True)  # die with a ^C
+        for n, pid in enumerate(pids)
+    ]
+    threads.append(threading.Thread(target=sample_memory, args=(soak,), daemon=True))
     for thread in threads:
         thread.start()
     for thread in threads:

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,15 +65,23 @@ class MemoryShare:
 
 
 def machine_memory_bytes() -> int:
-    """MemTotal of /proc/meminfo (8 GiB when it cannot be read)."""
+    """MemTotal of /proc/meminfo (8 GiB when it cannot be read), or the memory limit of
+    our cgroup when lower (a container: compose.yaml)."""
+    total = 8 * 1024 * MIB
     try:
         with open("/proc/meminfo") as meminfo:
             for line in meminfo:
                 if line.startswith("MemTotal:"):
-                    return int(line.split()[1]) * 1024
+                    total = int(line.split()[1]) * 1024
+                    break
     except (OSError, ValueError, IndexError):
         pass
-    return 8 * 1024 * MIB
+    try:
+        with open("/sys/fs/cgroup/memory.max") as limit:
+            text = limit.read().strip()  # "max" when unlimited
+    except OSError:
+        return total
+    return min(total, int(text)) if text.isdigit() else total
 
 
 def workers_max_bytes(settings: Settings) -> int:
@@ -116,3 +126,47 @@ def rss_bytes() -> int:
     of its PSS, so PSS is only read when this is over a limit)."""
     with open("/proc/self/statm") as statm:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PssSampler:
+    """PSS of the live workers, read by a thread of its own every ``interval_s``.
+
+    Reading ``smaps_rollup`` walks a process's page tables: 15-50 ms for a worker of a
+    few hundred MB on a loaded host, so the supervisor's loop (which answers every
+    ``ensure``) must never do it; its status shows the last values read here.
+    """
+
+    def __init__(self, interval_s: float = 2.0) -> None:
+        self._interval_s = interval_s
+        self._pids: frozenset[int] = frozenset()
+        self._values: dict[int, int | None] = {}
+        self._wake = threading.Event()
+        self._stopped = False
+        self._thread: threading.Thread | None = None
+
+    def watch(self, pids: Iterable[int]) -> dict[int, int | None]:
+        """Sample these pids from now on (new ones at once); their last PSS (None: not
+        read yet, or unreadable)."""
+        pids = frozenset(pids)
+        if pids - self._pids:
+            self._wake.set()
+        self._pids = pids
+        if self._thread is None:  # started on first use, in the process that serves
+            self._thread = threading.Thread(target=self._run, name="is-pss", daemon=True)
+            self._thread.start()
+        values = self._values
+        return {pid: values.get(pid) for pid in pids}
+
+    def close(self) -> None:
+        """Stop the thread."""
+        self._stopped = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5.0)
+
+    def _run(self) -> None:
+        while not self._stopped:
+            pids = self._pids
+            self._values = {pid: pss_bytes(pid) for pid in pids}  # replaced whole: no lock
+            self._wake.wait(self._interval_s)
+            self._wake.clear()

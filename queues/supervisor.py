@@ -37,7 +37,7 @@ from istasks.logs import configure_logging
 from istasks.settings import Settings, get_settings
 from queues import control
 from queues.acl import AclManager, supervisor_tag
-from queues.budget import pss_bytes, share_for, workers_max_bytes
+from queues.budget import PssSampler, share_for, workers_max_bytes
 from queues.envelope import queue_key
 from queues.forkserver import PRELOAD, ForkServer, WorkerSpec, set_child_subreaper
 from queues.naming import Identity
@@ -121,6 +121,7 @@ class Supervisor:
         self._orphan_sweep_until = 0.0
         self._next_orphan_check = 0.0
         self.recycled = 0
+        self._pss = PssSampler()
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -201,6 +202,7 @@ class Supervisor:
         self._stop_zygote()
         self._acl.revoke_all()
         self._acl.close()
+        self._pss.close()
         signal.set_wakeup_fd(-1)
         for signum in (signal.SIGCHLD, *_SHUTDOWN_SIGNALS):
             signal.signal(signum, signal.SIG_DFL)
@@ -556,7 +558,7 @@ class Supervisor:
     def _memory_status(self) -> dict[str, Any]:
         """The host budget, the current share and each live worker's PSS."""
         share = share_for(self.settings, len(self._live))
-        pss = {w.pid: pss_bytes(w.pid) for w in self._live.values() if w.pid is not None}
+        pss = self._pss.watch(w.pid for w in self._live.values() if w.pid is not None)
         return {
             "workers_max_bytes": workers_max_bytes(self.settings),
             "share": share.to_message()["memory"],

@@ -178,6 +178,8 @@ def test_workers_share_the_host_budget_as_identities_come_and_go(redis_server: s
         sup.client.ensure(c)
         wait_for(lambda: _shares_logged(sup.log(), a)[-1:] == [3], 30, "a's share of 3")
         wait_for(lambda: _shares_logged(sup.log(), c)[-1:] == [3], 30, "c's share of 3")
+        # PSS is read off the supervisor's loop, by a thread of its own: soon there.
+        wait_for(lambda: all(w["pss_bytes"] for w in sup.client.status()["workers"]), 10, "pss")
         status = sup.client.status()
         memory, rows = status["memory"], status["workers"]
         assert memory["share"]["live"] == 3 and memory["share"]["hard_max_bytes"] == GIB
@@ -251,6 +253,8 @@ def test_status_and_metrics_show_the_budgets(small_stack: tuple[Stack, Path, str
                "xsize": xsize, "frame": 1}  # fmt: skip
         assert_success_reply(request(stack.endpoint, job, timeout_s=40), 4)
     settings = Settings.from_env(stack.env)
+    supervisor = SupervisorClient(settings)  # closed by the worker count below
+    wait_for(lambda: supervisor.status()["memory"]["pss_bytes"] > 0, 10, "the worker's PSS")
     status = collect_status(settings)
     assert status["cache"]["max_bytes"] == settings.cache_max_bytes
     assert status["cache"]["entries"] == 2 and status["cache"]["used_bytes"] > 2 * 256 * 256
@@ -261,7 +265,6 @@ def test_status_and_metrics_show_the_budgets(small_stack: tuple[Stack, Path, str
     assert "memory: workers' PSS" in text and "of 64.0 MiB for 1 worker(s)" in text
     metrics = BridgeMetrics()
     usage = CacheUsageReader(settings.cache or "", settings.cache_max_bytes)
-    supervisor = SupervisorClient(settings)
     count = SupervisorWorkerCount(supervisor)
     metrics.track_cache(usage)
     metrics.track_memory(count.status)
