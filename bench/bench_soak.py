@@ -58,10 +58,13 @@ SIZES = (384, 512, 768, 1024, 1280, 1500)
 ZOOM_SHARE = 1 / 3
 #: The budgets under test: the cache's bytes in Redis (all ESAFs) and all workers' memory.
 CACHE_MAX_BYTES = 256 * MIB
-WORKERS_MAX_BYTES = 3 * 1024 * MIB
-#: Redis holds a little beyond the cache: queues, results, sessions, the budget's index,
-#: client buffers (a 9 MB image in flight), allocator slack.
-REDIS_OVERHEAD_BYTES = 64 * MIB
+#: 320 MiB a worker: its base (queues.budget.WORKER_BASE_BYTES, one 16M request's working
+#: set included) and 64 MiB of caches.
+WORKERS_MAX_BYTES = 16 * 320 * MIB
+#: Redis holds more than the cache's images: queues, results, sessions, the budget's
+#: index, and the buffers of writes in flight (up to 16 workers each sending a 9 MB
+#: 1500 px image at once).
+REDIS_OVERHEAD_BYTES = 128 * MIB
 #: ops/redis/broker.conf and cache.conf, the cache scaled to this run (its 4 GB would
 #: never be reached in minutes: here the instance's own LRU and ours both act).
 BROKER_ARGS = ("--maxmemory", "1gb", "--maxmemory-policy", "noeviction")
@@ -297,10 +300,13 @@ def report(
         rows.append({"name": f"{tag}p99 minute {minute + 1} (n={n})", "target": "",
                      "measured": p99, "unit": "ms"})  # fmt: skip
     after_first = [p for p in samples.memory if p["t"] >= 60] or samples.memory
+    second_half = [p for p in samples.memory if p["t"] >= samples.memory[-1]["t"] / 2]
     redis_budget = (CACHE_MAX_BYTES + REDIS_OVERHEAD_BYTES) / MIB
     for name in urls:
         rows.append({"name": f"{tag}highest used_memory, {name}", "target": redis_budget,
                      "measured": max(p[name] for p in samples.memory), "unit": "MiB"})  # fmt: skip
+        rows.append({"name": f"{tag}used_memory slope, second half, {name}", "target": "",
+                     "measured": slope_per_min(second_half, name), "unit": "MiB/min"})  # fmt: skip
     rows += [
         {"name": f"{tag}highest cache budget used", "target": CACHE_MAX_BYTES / MIB,
          "measured": max(p["cache budget used"] for p in samples.memory), "unit": "MiB"},
@@ -309,10 +315,24 @@ def report(
         {"name": f"{tag}highest workers' PSS in all (after minute 1)",
          "target": WORKERS_MAX_BYTES / MIB,
          "measured": max(p["workers' PSS"] for p in after_first), "unit": "MiB"},
+        {"name": f"{tag}workers' PSS slope, second half", "target": "",
+         "measured": slope_per_min(second_half, "workers' PSS"), "unit": "MiB/min"},
         {"name": f"{tag}workers recycled past their hard limit", "target": "",
          "measured": samples.recycled, "unit": ""},
     ]  # fmt: skip
     return rows
+
+
+def slope_per_min(points: list[dict[str, float]], name: str) -> float:
+    """Least-squares slope of ``name`` (MiB) over time, per minute: ~0 on a plateau."""
+    n = len(points)
+    if n < 2:
+        return 0.0
+    mean_t = sum(p["t"] for p in points) / n
+    mean_v = sum(p[name] for p in points) / n
+    var = sum((p["t"] - mean_t) ** 2 for p in points)
+    cov = sum((p["t"] - mean_t) * (p[name] - mean_v) for p in points)
+    return cov / var * 60 if var else 0.0
 
 
 def draw_chart(samples: Samples, urls: dict[str, str], path: Path, layout: str) -> None:

@@ -31,9 +31,11 @@ MIB = 1024 * 1024
 #: Part of the machine's memory all workers may use together by default (the rest: Redis,
 #: the bridge, the page cache that keeps detector files warm).
 DEFAULT_MACHINE_FRACTION = 0.4
-#: What a worker holds besides its caches (PSS of a worker that served views with its
-#: caches empty: open readers, decode buffers, Celery; measured ~110-150 MiB, README).
-WORKER_BASE_BYTES = 160 * MIB
+#: What a worker holds besides its caches: ~50 MiB idle (PSS: the fork server's pages are
+#: shared), plus one request's working set, which for an Eiger2 16M frame (72 MB decoded,
+#: its reduction's buffers) peaks near 200 MiB (bench soak: 16 workers with empty-ish
+#: caches averaged ~200-220 MiB PSS while serving 16M views one at a time).
+WORKER_BASE_BYTES = 256 * MIB
 #: Least cache a worker is given however many share the host (a few reduced images).
 MIN_CACHE_BYTES = 24 * MIB
 
