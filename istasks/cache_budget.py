@@ -88,10 +88,11 @@ class CacheBudget:
     Every write is one MULTI: the SET, then a Lua script that evicts the least recently
     used images (a sorted set of keys by last use, a hash of their sizes, a byte
     counter) until the new one fits and records it; both run atomically. Reads and LRU
-    hits refresh the last use. Only reduced-image keys are entered in the index and only they are ever
-    deleted, so queues and results are never evicted to make room. The workers' Redis
-    users may touch the budget's keys and UNLINK any reduced image (queues.acl), which at
-    worst lets a hijacked worker evict other ESAFs' cached images, never read them.
+    hits refresh the last use. Only reduced-image keys are entered in the index and only
+    they are ever deleted, so queues and results are never evicted to make room. The
+    workers' Redis users may touch the budget's keys and UNLINK any reduced image
+    (queues.acl), which at worst lets a hijacked worker evict other ESAFs' cached images,
+    never read them.
     """
 
     def __init__(self, max_bytes: int) -> None:
