@@ -28,8 +28,11 @@ MODULE_ISSUES = {
     "bench_read": 2, "bench_pipeline": 2, "bench_readers": 2,
     "bench_bridge": 3, "bench_tasks": 3, "bench_e2e": 3,
     "bench_identities": 4, "bench_identities_e2e": 4,
-    "bench_prefetch": 5, "bench_load": 6, "bench_gateway": 13, "bench_formats": 18,
+    "bench_prefetch": 5, "bench_load": 6, "bench_gateway": 13, "bench_soak": 15,
+    "bench_formats": 18,
 }  # fmt: skip
+#: Run only when named (minutes long): ``python -m bench soak``.
+NOT_IN_FULL_RUN = ("bench_soak",)
 ISSUE_TITLES = {
     2: "image core (Eiger2 16M -> 1024 px)",
     3: "request path (REQ -> is-proxy -> bridge -> worker)",
@@ -51,6 +54,8 @@ def modules(selected: list[str]) -> list[str]:
         if unknown:
             raise SystemExit(f"no such benchmark: {', '.join(unknown)} (have: {', '.join(names)})")
         names = [n for n in names if n.removeprefix("bench_") in selected or n in selected]
+    else:
+        names = [n for n in names if n not in NOT_IN_FULL_RUN]
     return names
 
 

@@ -20,6 +20,7 @@ from types import FrameType
 from typing import TYPE_CHECKING
 
 from bridge.sessions import SessionConfigError, SessionVerifier
+from istasks.cache_budget import warn_about_cache_server
 from istasks.logs import configure_logging
 from istasks.settings import Settings, get_settings
 from queues import proctitle
@@ -57,7 +58,12 @@ def build_dispatcher(settings: Settings) -> Dispatcher:
 def start_metrics(settings: Settings, port: int) -> tuple[BridgeMetrics, list[Callable[[], None]]]:
     """The bridge's metrics, served on ``settings.metrics_address:port``, with the live
     worker count from the supervisor when one runs; and what closes them."""
-    from bridge.metrics import BridgeMetrics, MetricsEndpoint, SupervisorWorkerCount
+    from bridge.metrics import (
+        BridgeMetrics,
+        CacheUsageReader,
+        MetricsEndpoint,
+        SupervisorWorkerCount,
+    )
 
     metrics = BridgeMetrics()
     closers: list[Callable[[], None]] = []
@@ -66,7 +72,12 @@ def start_metrics(settings: Settings, port: int) -> tuple[BridgeMetrics, list[Ca
 
         count = SupervisorWorkerCount(SupervisorClient(settings))  # its own connection
         metrics.track_workers(count)
+        metrics.track_memory(count.status)
         closers.append(count.close)
+    if settings.cache:
+        usage = CacheUsageReader(settings.cache, settings.cache_max_bytes)
+        metrics.track_cache(usage)
+        closers.append(usage.close)
     try:
         endpoint = MetricsEndpoint(metrics, settings.metrics_address, port)
     except BaseException:
@@ -96,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = _parse_args(argv, get_settings())
     proctitle.set_title(proctitle.BRIDGE)
     configure_logging(settings, "is-bridge")
+    warn_about_cache_server(settings.cache, settings.broker, settings.cache_max_bytes)
     try:
         sessions = SessionVerifier.from_settings(settings)
         identities = IdentityResolver.from_settings(settings)

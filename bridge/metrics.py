@@ -1,9 +1,14 @@
 """The bridge's Prometheus metrics and the ``/metrics`` endpoint (``IS_METRICS_PORT``).
 
 Series: ``is_requests_total{type,outcome}``, ``is_request_duration_seconds{type}``,
-``is_requests_in_flight``, ``is_cache_total{result}`` and, when a supervisor runs,
-``is_live_workers``. Every label takes values from a fixed set (request types outside
-jpeg/spots/index count as ``other``), so a client cannot grow the series. The endpoint
+``is_requests_in_flight``, ``is_cache_total{result}``; when a supervisor runs,
+``is_live_workers`` and the host memory budget (``is_workers_memory_budget_bytes``, the
+workers' PSS in all, ``is_worker_pss_bytes{queue}`` per live worker, at most
+``IS_WORKER_MAX`` series, ``is_workers_recycled_total``); and the cache's budget in
+Redis (``is_cache_redis_budget_bytes``, ``..._used_bytes``, ``is_cache_redis_images``,
+``is_cache_redis_evictions_total``). Every label takes values from a fixed set (request
+types outside jpeg/spots/index count as ``other``; queues only of live workers), so a
+client cannot grow the series. The endpoint
 is unauthenticated and binds ``IS_METRICS_ADDRESS`` (loopback by default).
 """
 
@@ -16,11 +21,13 @@ import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
+import redis
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from bridge.outcome import OUTCOMES
+from istasks.cache_budget import CacheUsage, cache_usage
 
 if TYPE_CHECKING:
     from queues.pool import SupervisorClient
@@ -84,6 +91,14 @@ class BridgeMetrics:
         """Export ``is_live_workers`` from ``count`` (None: unknown, series left out)."""
         self.registry.register(_LiveWorkers(count))
 
+    def track_memory(self, status: Callable[[], dict[str, Any] | None]) -> None:
+        """Export the host memory budget from the supervisor's (cached) status."""
+        self.registry.register(_WorkerMemory(status))
+
+    def track_cache(self, usage: Callable[[], CacheUsage | None]) -> None:
+        """Export the cache's Redis budget from ``usage`` (None: unknown, left out)."""
+        self.registry.register(_CacheBudget(usage))
+
 
 class _LiveWorkers(Collector):
     """``is_live_workers`` computed at scrape time."""
@@ -100,6 +115,86 @@ class _LiveWorkers(Collector):
         return iter(())  # collect() asks the supervisor: never at registration
 
 
+class _WorkerMemory(Collector):
+    """The supervisor's memory budget and each live worker's PSS, at scrape time."""
+
+    def __init__(self, status: Callable[[], dict[str, Any] | None]) -> None:
+        self._status = status
+
+    def collect(self) -> Iterable[Metric]:
+        status = self._status()
+        memory = status.get("memory") if status else None
+        if not status or not isinstance(memory, dict):
+            return
+        yield GaugeMetricFamily("is_workers_memory_budget_bytes",
+                                "Memory all workers of the host may use together.",
+                                memory.get("workers_max_bytes", 0))  # fmt: skip
+        yield GaugeMetricFamily("is_workers_pss_bytes", "PSS of all live workers together.",
+                                memory.get("pss_bytes", 0))  # fmt: skip
+        per = GaugeMetricFamily("is_worker_pss_bytes", "PSS of one live worker.", labels=["queue"])
+        for row in status.get("workers") or []:
+            if isinstance(row, dict) and isinstance(row.get("pss_bytes"), int):
+                per.add_metric([str(row.get("queue"))], row["pss_bytes"])
+        yield per
+        yield CounterMetricFamily("is_workers_recycled",
+                                  "Workers recycled past their hard memory limit.",
+                                  memory.get("recycled", 0))  # fmt: skip
+
+    def describe(self) -> Iterable[Metric]:
+        return iter(())
+
+
+class _CacheBudget(Collector):
+    """The reduced-image cache's budget in Redis, at scrape time."""
+
+    def __init__(self, usage: Callable[[], CacheUsage | None]) -> None:
+        self._usage = usage
+
+    def collect(self) -> Iterable[Metric]:
+        usage = self._usage()
+        if usage is None:
+            return
+        budget = "Byte budget of reduced images in Redis."
+        yield GaugeMetricFamily("is_cache_redis_budget_bytes", budget, usage.max_bytes)
+        used = "Bytes of reduced images in Redis."
+        yield GaugeMetricFamily("is_cache_redis_used_bytes", used, usage.used_bytes)
+        yield GaugeMetricFamily("is_cache_redis_images", "Reduced images in Redis.", usage.entries)
+        yield CounterMetricFamily("is_cache_redis_evictions",
+                                  "Images evicted to stay within the budget.",
+                                  usage.evictions)  # fmt: skip
+
+    def describe(self) -> Iterable[Metric]:
+        return iter(())
+
+
+class CacheUsageReader:
+    """The cache budget read from Redis at most once per ``ttl_s``; None when unreachable."""
+
+    def __init__(self, url: str, max_bytes: int, ttl_s: float = WORKERS_TTL_S) -> None:
+        self._client = redis.Redis.from_url(url, socket_timeout=WORKERS_WAIT_S,
+                                            socket_connect_timeout=WORKERS_WAIT_S)  # fmt: skip
+        self._max_bytes = max_bytes
+        self._ttl_s = ttl_s
+        self._lock = threading.Lock()
+        self._value: CacheUsage | None = None
+        self._expires = 0.0
+
+    def __call__(self) -> CacheUsage | None:
+        with self._lock:
+            if time.monotonic() >= self._expires:
+                try:
+                    self._value = cache_usage(self._client, self._max_bytes)
+                except (redis.RedisError, OSError) as exc:
+                    log.debug("cache usage for metrics failed: %s", exc)
+                    self._value = None
+                self._expires = time.monotonic() + self._ttl_s
+            return self._value
+
+    def close(self) -> None:
+        """Release the Redis connection."""
+        self._client.close()
+
+
 class SupervisorWorkerCount:
     """Number of live workers from the supervisor's status, cached for ``ttl_s``.
 
@@ -114,20 +209,30 @@ class SupervisorWorkerCount:
         self._asker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="is-metrics")
         self._lock = threading.Lock()
         self._value: int | None = None
+        self._status: dict[str, Any] | None = None
         self._expires = 0.0
 
     def __call__(self) -> int | None:
         with self._lock:
-            if time.monotonic() < self._expires:
-                return self._value
-            try:
-                status = self._asker.submit(self._client.status).result(WORKERS_WAIT_S)
-                self._value = _live(status)
-            except Exception as exc:  # supervisor down or slow: not a scrape failure
-                log.debug("supervisor status for metrics failed: %s", exc)
-                self._value = None
-            self._expires = time.monotonic() + self._ttl_s
+            self._refresh()
             return self._value
+
+    def status(self) -> dict[str, Any] | None:
+        """The supervisor's last status reply (same cache as the count)."""
+        with self._lock:
+            self._refresh()
+            return self._status
+
+    def _refresh(self) -> None:
+        if time.monotonic() < self._expires:
+            return
+        try:
+            status = self._asker.submit(self._client.status).result(WORKERS_WAIT_S)
+            self._value, self._status = _live(status), status
+        except Exception as exc:  # supervisor down or slow: not a scrape failure
+            log.debug("supervisor status for metrics failed: %s", exc)
+            self._value, self._status = None, None
+        self._expires = time.monotonic() + self._ttl_s
 
     def close(self) -> None:
         """Stop the asking thread and close the client's connection."""

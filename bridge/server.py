@@ -11,6 +11,7 @@ in the metrics, when given) with its outcome (:mod:`bridge.outcome`).
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import contextlib
 import heapq
@@ -28,7 +29,13 @@ import zmq
 from bridge.outcome import Outcome, Reply, exception_outcome, frames_outcome
 from bridge.sessions import SessionVerifier
 from bridge.wire import MalformedEnvelope, parse_job, reply_message, split_envelope
-from istasks.errors import IsError, RequestError, UnknownRequestType, WorkerUnavailable
+from istasks.errors import (
+    IsError,
+    RequestError,
+    SessionBusy,
+    UnknownRequestType,
+    WorkerUnavailable,
+)
 from istasks.jobs import Job, dumps, int_field, str_field
 from istasks.logs import log_value, redact_token, token_prefix
 from istasks.replies import exception_frames
@@ -103,6 +110,7 @@ class _InFlight:
     job: Job | None
     started: float  # time.monotonic()
     identity: str = "-"
+    session: str | None = None  # the pid it counts against while in flight
 
 
 @dataclass(frozen=True)
@@ -164,6 +172,7 @@ class BridgeServer:
         self._wake_lock = threading.RLock()
         self._closed = False
         self._in_flight: dict[str, _InFlight] = {}
+        self._per_session: collections.Counter[str] = collections.Counter()
         self._deadlines: list[tuple[float, str]] = []
         self._stopping = _Stopping()
         self._rid_prefix = secrets.token_hex(2)
@@ -259,10 +268,13 @@ class BridgeServer:
             job = entry.job = parse_job(payload)
             pid = request_pid(job)
             self._check_capacity(rid)
+            self._check_session(rid, pid)
         except IsError as exc:
             self._answer(entry, exception_frames(exc, rid), exception_outcome(exc))
             return
         self._in_flight[rid] = entry
+        entry.session = pid
+        self._per_session[pid] += 1
         heapq.heappush(self._deadlines, (started + self._deadline_s(job), rid))
         self._pool.submit(self._admit, rid, job, pid)
 
@@ -271,6 +283,16 @@ class BridgeServer:
             raise WorkerUnavailable(f"bridge shutting down (request {rid})")
         if len(self._in_flight) >= MAX_IN_FLIGHT:
             raise WorkerUnavailable(f"too many requests in flight (request {rid})")
+
+    def _check_session(self, rid: str, pid: str) -> None:
+        """One session may have ``session_max_in_flight`` requests in flight (is.js has
+        one or two; a script looping over a dataset must not starve everyone else)."""
+        most = self._settings.session_max_in_flight
+        if most > 0 and self._per_session[pid] >= most:
+            raise SessionBusy(
+                f"this session has {most} requests in flight, the most "
+                f"IS_SESSION_MAX_IN_FLIGHT allows; send more as they are answered (request {rid})"
+            )
 
     def _deadline_s(self, job: Job) -> float:
         """How long the loop waits before answering by itself."""
@@ -307,6 +329,11 @@ class BridgeServer:
     ) -> None:
         """Count the request, send its reply along its route, log its line. Counted
         first, so that a client holding a reply finds it in the metrics."""
+        if entry.session is not None:
+            self._per_session[entry.session] -= 1
+            if self._per_session[entry.session] <= 0:
+                del self._per_session[entry.session]
+            entry.session = None
         kind = (str_field(entry.job or {}, "type") or "-").lower()
         outcome = outcome or frames_outcome(kind, frames)
         duration_s = time.monotonic() - entry.started

@@ -38,8 +38,16 @@ from typing import Generic, Literal, Protocol, TypeVar
 
 import redis
 
+from istasks.cache_budget import CacheBudget
 from istasks.errors import DataUnavailable
-from istasks.keys import file_identity, holder_alive_key, lock_key, reduced_key, stats_key
+from istasks.keys import (
+    CACHE_INDEX,
+    file_identity,
+    holder_alive_key,
+    lock_key,
+    reduced_key,
+    stats_key,
+)
 from istasks.redisconn import connect
 
 log = logging.getLogger(__name__)
@@ -180,6 +188,20 @@ class ByteLRU(Generic[T]):
                 _, (_, evicted) = self._items.popitem(last=False)
                 self._bytes -= evicted
 
+    def resize(self, max_bytes: int) -> None:
+        """A new budget (the supervisor's share, istasks.memory); evicts down to it now."""
+        with self._lock:
+            self.max_bytes = max_bytes
+            while self._bytes > self.max_bytes and self._items:
+                _, (_, evicted) = self._items.popitem(last=False)
+                self._bytes -= evicted
+
+    def clear(self) -> None:
+        """Drop every value (a worker past its hard memory limit)."""
+        with self._lock:
+            self._items.clear()
+            self._bytes = 0
+
     @property
     def nbytes(self) -> int:
         """Bytes currently held."""
@@ -231,8 +253,10 @@ class ReducedCache(Generic[V]):
         *,
         ttl_s: int,
         lru_max_bytes: int,
+        redis_max_bytes: int = 1 << 30,
     ) -> None:
         self.gid = gid
+        self.budget = CacheBudget(redis_max_bytes)
         self._decode = decode
         self._ttl_s = ttl_s
         self.lru: ByteLRU[V] = ByteLRU(lru_max_bytes)
@@ -364,20 +388,14 @@ class ReducedCache(Generic[V]):
     def _store(self, key: str, value: V) -> None:
         self.lru.put(key, value, value.nbytes)
         data = value.to_bytes()
-
-        def write(r: redis.Redis) -> None:
-            with r.pipeline(transaction=False) as pipe:
-                if len(data) <= MAX_REDIS_VALUE_BYTES:
-                    pipe.set(key, data, ex=self._ttl_s)
-                pipe.incr(stats_key(self.gid, "computed"))
-                pipe.execute()
-
-        self._redis_call(write)
+        self._redis_call(lambda r: r.incr(stats_key(self.gid, "computed")))
+        if len(data) <= min(MAX_REDIS_VALUE_BYTES, self.budget.max_bytes):
+            self._redis_call(lambda r: self.budget.store(r, key, data, self._ttl_s))
 
     def _release(self, lock: str, holder: bytes | None = None) -> None:
         """Delete our lock (or a gone ``holder``'s). GET-then-DEL is not atomic: at worst
         another worker's fresh lock goes early and one image is computed twice, which is
-        harmless (no Lua, so the per-gid ACL needs no scripting rights)."""
+        harmless (kept simple: the lock is the gid's own, unlike the budget's script)."""
         token = holder if holder is not None else self._token.encode()
 
         def release(r: redis.Redis) -> None:
@@ -576,13 +594,21 @@ def _redis_client(url: str) -> redis.Redis:
 
 
 def _get_refresh(r: redis.Redis, key: str, ttl_s: int) -> object:
-    return r.getex(key, ex=ttl_s)
+    """The value, its TTL refreshed and its last use noted in the budget's index."""
+    with r.pipeline(transaction=False) as pipe:
+        pipe.getex(key, ex=ttl_s)
+        pipe.zadd(CACHE_INDEX, {key: time.time()}, xx=True)
+        data, _ = pipe.execute()
+    return data
 
 
 def _report_hits(r: redis.Redis, keys: list[str], ttl_s: int, counter: str, count: int) -> None:
+    now = time.time()
     with r.pipeline(transaction=False) as pipe:
         for key in keys:
             pipe.expire(key, ttl_s)
+        if keys:
+            pipe.zadd(CACHE_INDEX, dict.fromkeys(keys, now), xx=True)
         pipe.incrby(counter, count)
         pipe.execute()
 

@@ -86,6 +86,11 @@ class WorkerUnavailable(IsError, RuntimeError):
     origin = "bridge"
 
 
+class SessionBusy(WorkerUnavailable):
+    """A session has as many requests in flight as ``IS_SESSION_MAX_IN_FLIGHT`` allows
+    (one user must not starve a host). Reply: one error frame, at once."""
+
+
 class IndexerError(IsError, RuntimeError):
     """The indexer could not be run or timed out. Reply: one error frame."""
 

@@ -22,6 +22,15 @@ RESULTS = f"{PREFIX}:res"  # Celery result keys and channels, per identity
 SEEN = f"{PREFIX}:seen"  # sessions a bridge verified, per (pid, esaf): "(7)" after logout
 HEARTBEAT = f"{PREFIX}:hb"  # workers' liveness across hosts, per identity and host
 
+#: The cache's byte budget across every ESAF (istasks.cache.CacheBudget): one sorted set
+#: of reduced-image keys by last use, one hash of their sizes, the bytes they hold, and
+#: how many were evicted. Only reduced keys (``is:r:``) are ever entered, or evicted.
+CACHE_BUDGET = f"{PREFIX}:cache"
+CACHE_INDEX = f"{CACHE_BUDGET}:lru"
+CACHE_SIZES = f"{CACHE_BUDGET}:sizes"
+CACHE_BYTES = f"{CACHE_BUDGET}:bytes"
+CACHE_EVICTIONS = f"{CACHE_BUDGET}:evictions"
+
 #: How long "this session was verified here" outlives the session's last verification.
 #: The original remembered it for the life of the per-(pid, esaf) process, i.e. until
 #: the server restarted (every 2 h in the 2025 fork); a day covers a beamline shift.
@@ -65,6 +74,23 @@ def seen_session_key(pid: str, esaf: int) -> str:
 def gid_pattern(gid: int) -> list[str]:
     """Key patterns a worker of ESAF ``gid`` may touch (for Redis ACLs)."""
     return [f"{REDUCED}:{gid}:*", f"{LOCK}:{gid}:*", f"{STATS}:{gid}:*"]
+
+
+def budget_keys() -> list[str]:
+    """The cache budget's keys, in the order the budget's script takes them: index (last
+    use by key), sizes, bytes used, evictions."""
+    return [CACHE_INDEX, CACHE_SIZES, CACHE_BYTES, CACHE_EVICTIONS]
+
+
+def budget_patterns() -> list[str]:
+    """Key patterns every worker may touch for the shared budget (for Redis ACLs)."""
+    return [f"{CACHE_BUDGET}:*"]
+
+
+def eviction_pattern() -> str:
+    """Keys any worker may only delete, to evict another ESAF's least recently used
+    reduced images when over the budget (never read or write them)."""
+    return f"{REDUCED}:*"
 
 
 def stats_key(gid: int, name: str) -> str:

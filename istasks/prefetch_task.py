@@ -26,6 +26,7 @@ from istasks.core.params import MIN_XSIZE
 from istasks.errors import FrameNotFound, IsError, RequestError
 from istasks.jobs import Job, view_params
 from istasks.logs import log_value
+from istasks.memory import GOVERNOR
 from istasks.replies import error_text
 
 if TYPE_CHECKING:
@@ -136,7 +137,8 @@ def register(app: Celery, context: WorkerContext) -> None:
 
     def run(*args: object, **kwargs: object) -> Report:
         token = args[0] if len(args) == 1 and not kwargs else None
-        return run_prefetch(context, token)
+        with GOVERNOR.request():
+            return run_prefetch(context, token)
 
     run.__name__ = run.__qualname__ = "is_prefetch"
     app.task(name=PREFETCH_TASK, typing=False)(run)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import threading
@@ -28,7 +29,7 @@ from istasks.cache import (
     note_outcome,
     stat_version,
 )
-from istasks.core.params import ContrastParams, LabelParams, ViewParams
+from istasks.core.params import MIN_XSIZE, ContrastParams, LabelParams, ViewParams
 from istasks.core.readers import open_reader
 from istasks.core.readers.base import Frame, FrameReader
 from istasks.core.view import (
@@ -39,7 +40,7 @@ from istasks.core.view import (
     render_blank,
     render_jpeg,
 )
-from istasks.errors import DataUnavailable, IndexerError, RequestError
+from istasks.errors import DataUnavailable, IndexerError, InvalidView, RequestError
 from istasks.indexer import IndexRequest, run_index
 from istasks.jobs import (
     Job,
@@ -212,6 +213,7 @@ class Service:
         """The reduced image for ``fn``/``params``, from the cache or computed once
         (``version``: the caller's fresh stat of the file, if it has one)."""
         path = resolve_path(fn)
+        self._check_cost(params)
 
         def compute(version: FileVersion) -> Reduced:
             frame = self.decoded(version, params.frame)
@@ -250,13 +252,25 @@ class Service:
         if self.progress is not None:
             self.progress.client.close()
 
+    def _check_cost(self, params: ViewParams) -> None:
+        """InvalidView (the blank image with its reason, as over ``max_xsize``) for a
+        view of more pixels than ``view_max_pixels``, before any reading or reducing."""
+        width = max(params.xsize, MIN_XSIZE)
+        budget = self.settings.view_max_pixels
+        if budget > 0 and width * width > budget:
+            raise InvalidView(
+                f"xsize {params.xsize}: a view of {width * width} pixels is over the budget of "
+                f"{budget} pixels (IS_VIEW_MAX_PIXELS)"
+            )
+
     def _blank(self, job: Job, params: ViewParams, *, reason: str | None) -> Frames:
         label = label_params(job)
+        budget = self.settings.view_max_pixels
+        widest = self.settings.max_xsize
+        if budget > 0:
+            widest = min(widest, max(math.isqrt(budget), MIN_XSIZE))
         blank = render_blank(
-            params.xsize,
-            label,
-            quality=self.settings.jpeg_quality,
-            max_xsize=self.settings.max_xsize,
+            params.xsize, label, quality=self.settings.jpeg_quality, max_xsize=widest
         )
         echo = job if reason is None else dict(job, error=reason)
         return [_json(echo), b"", blank.data]
@@ -309,6 +323,7 @@ def build_service(settings: Settings, identity: Identity, *, threads: int | None
         Reduced.from_bytes,
         ttl_s=settings.cache_ttl_s,
         lru_max_bytes=settings.lru_max_bytes,
+        redis_max_bytes=settings.cache_max_bytes,
     )
     readers: ReaderCache[FrameReader] = ReaderCache(
         READER_CACHE_SIZE, open_reader, lambda reader: reader.close()

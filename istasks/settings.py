@@ -62,6 +62,10 @@ class Settings:
     # Image core and cache.
     jpeg_quality: int = 90
     cache_ttl_s: int = 3600
+    # Bytes of reduced images in the cache Redis, every ESAF together: a write past it
+    # evicts the least recently used images first (istasks.cache.CacheBudget), whatever
+    # the instance's own maxmemory says (a shared Redis without one grew to 9 GB).
+    cache_max_bytes: int = 1024 * 1024 * 1024
     lru_max_bytes: int = 512 * 1024 * 1024
     # Rendered jpeg replies kept per worker: a repeated identical view skips contrast+encode.
     jpeg_lru_max_bytes: int = 64 * 1024 * 1024
@@ -70,6 +74,11 @@ class Settings:
     # (4148 x 4362 x 4 B = 72.4 MB each). 0: off.
     frame_lru_max_bytes: int = 160 * 1024 * 1024
     max_xsize: int = 10000
+    # Cost limits against one user starving a host: pixels of one view (a 10000 px view
+    # costs 4 s of CPU and 400 MB), and requests one session may have in flight at once
+    # (0: no limit). Over them: the blank image with the reason, and an error frame.
+    view_max_pixels: int = 4096 * 4096
+    session_max_in_flight: int = 16
     spot_sensitivity: float = 1.5
     # Our edge fold (istasks.core.reduce): off gives the original's picture to the pixel;
     # on adds the far-edge pixels no box reaches to the edge row/column (numbers unchanged).
@@ -92,6 +101,11 @@ class Settings:
     worker_idle_s: float = 600.0
     worker_max: int = 64
     worker_concurrency: int = 4
+    # Memory of every worker of this host together (0: a share of the machine's memory,
+    # queues.budget.default_workers_max_bytes). Each live worker gets an equal share for
+    # its in-process caches (the two LRU settings above are ceilings) and is recycled
+    # between requests when past its share even with its caches dropped.
+    workers_max_bytes: int = 0
     uid_min: int = 1000
     uid_max: int = 4_000_000_000
     gid_min: int = 1000

@@ -23,6 +23,7 @@ from istasks.context import WorkerContext, open_job
 from istasks.errors import EnvelopeError, IsError
 from istasks.jobs import Job, int_field, str_field
 from istasks.logs import log_value, redact_token
+from istasks.memory import GOVERNOR
 from istasks.prefetch_task import register as register_prefetch
 from istasks.replies import error_text
 from istasks.service import Frames
@@ -50,7 +51,8 @@ def _task_function(
     def run(task: Task, *args: object, **kwargs: object) -> TaskResult:
         # Any other call shape is refused here, not raised as a Celery failure.
         token = args[0] if len(args) == 1 and not kwargs else None
-        return run_task(kind, handler, context, token, task_id=task.request.id or "-")
+        with GOVERNOR.request():  # past its memory limit, the worker acts once idle
+            return run_task(kind, handler, context, token, task_id=task.request.id or "-")
 
     run.__name__ = run.__qualname__ = f"is_{kind}"
     return run

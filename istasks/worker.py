@@ -32,6 +32,7 @@ from celery.worker.consumer import Consumer
 from istasks.app import create_app, master_secret
 from istasks.broker import use_pooled_client
 from istasks.logs import configure_logging
+from istasks.memory import GOVERNOR
 from istasks.redisconn import celery_url, sentinel_hosts
 from istasks.settings import Settings, get_settings
 from queues import proctitle
@@ -69,6 +70,7 @@ def serve(
 
     threads = concurrency or settings.worker_concurrency
     service = build_service(settings, identity, threads=threads)
+    GOVERNOR.attach(service.cache.lru, service.jpegs, service.readers.close, service.frames)
     app = create_app(settings, identity)
     # Before anything creates the (per-thread) backend: see StoreOnlyBackend.
     backend = "StoreOnlySentinelBackend" if sentinel_hosts(settings) else "StoreOnlyBackend"

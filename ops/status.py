@@ -14,6 +14,7 @@ the hosts whose worker beats, with node name and running tasks.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Iterable, Sequence
@@ -24,6 +25,7 @@ from typing import Any
 import redis
 
 from istasks import keys
+from istasks.cache_budget import cache_usage
 from istasks.errors import WorkerUnavailable
 from istasks.redisconn import connect
 from istasks.settings import Settings, get_settings
@@ -75,6 +77,7 @@ def collect_status(settings: Settings) -> dict[str, Any]:
         _attach_worker_states(status["queues"], status["workers"])
         status["hosts"] = _hosts(client)
         _attach_hosts(status["queues"], status["hosts"])
+        status["cache"] = _cache_budget(settings)
     except (redis.ConnectionError, redis.TimeoutError) as exc:
         status["error"] = f"broker unreachable at {status['broker']}: {exc}"
     except redis.RedisError as exc:  # e.g. NOPERM: a Redis user without SCAN/LLEN rights
@@ -192,6 +195,22 @@ def _workers(settings: Settings, client: redis.Redis) -> dict[str, Any]:
     return result
 
 
+def _cache_budget(settings: Settings) -> dict[str, Any]:
+    """The reduced-image cache's byte budget in Redis (istasks.cache_budget): budget,
+    bytes used, images, evictions; or why they could not be read."""
+    if not settings.cache:
+        return {"error": "no cache configured"}
+    client = redis.Redis.from_url(
+        settings.cache, socket_connect_timeout=2.0, socket_timeout=_REDIS_TIMEOUT_S
+    )
+    try:
+        return dataclasses.asdict(cache_usage(client, settings.cache_max_bytes))
+    except redis.RedisError as exc:
+        return {"error": f"cache {_redacted(settings.cache)} unreadable: {exc}"}
+    finally:
+        client.close()
+
+
 def _attach_worker_states(rows: list[dict[str, Any]], workers: dict[str, Any]) -> None:
     """Each queue row gets its identity's worker state from the supervisor's table
     (one worker serves both queues of an identity): "none" when it has no worker, None
@@ -286,6 +305,7 @@ def format_status(status: dict[str, Any]) -> str:
         lines.append(f"other queue {row['queue']}: backlog {row['backlog']}")
     lines += _format_workers(status.get("workers", {}))
     lines += _format_hosts(status.get("hosts", []))
+    lines += _format_cache(status.get("cache"))
     return "\n".join(lines)
 
 
@@ -298,6 +318,36 @@ def _format_hosts(hosts: list[dict[str, Any]]) -> list[str]:
         out.append(f"  {row['queue']:<24} {row['host']:<20} {row['node']} "
                    f"running={row['running']} ttl_ms={row['ttl_ms']}")  # fmt: skip
     return out
+
+
+def _format_cache(cache: dict[str, Any] | None) -> list[str]:
+    if not cache:
+        return []
+    if "error" in cache:
+        return [f"cache: {cache['error']}"]
+    return [
+        f"cache (Redis, every ESAF): {_mib(cache['used_bytes'])} of {_mib(cache['max_bytes'])} "
+        f"used by {cache['entries']} image(s), {cache['evictions']} evicted"
+    ]
+
+
+def _format_memory(memory: object) -> list[str]:
+    """The supervisor's host memory budget and the share each worker now has."""
+    if not isinstance(memory, dict) or not isinstance(memory.get("share"), dict):
+        return []
+    share = memory["share"]
+    return [
+        f"  memory: workers' PSS {_mib(memory.get('pss_bytes', 0))} of "
+        f"{_mib(memory.get('workers_max_bytes', 0))} for {share.get('live')} worker(s); each: "
+        f"lru {_mib(share.get('lru_max_bytes', 0))}, jpeg lru "
+        f"{_mib(share.get('jpeg_lru_max_bytes', 0))}, frame lru "
+        f"{_mib(share.get('frame_lru_max_bytes', 0))}, hard limit "
+        f"{_mib(share.get('hard_max_bytes', 0))}; recycled {memory.get('recycled', 0)}"
+    ]
+
+
+def _mib(value: object) -> str:
+    return f"{int(value) / 1048576:.1f} MiB" if isinstance(value, int | float) else "?"
 
 
 def _queue_table(rows: list[dict[str, Any]]) -> list[str]:
@@ -340,6 +390,7 @@ def _format_supervisor(reply: dict[str, Any]) -> list[str]:
     (queue first; uid and gid are in the queue name)."""
     scalars = {k: v for k, v in reply.items() if k != "ok" and not isinstance(v, list | dict)}
     out = [f"  {k}: {v}" for k, v in sorted(scalars.items())]
+    out += _format_memory(reply.get("memory"))
     table = reply.get("workers")
     if isinstance(table, list):
         out.append(f"  {len(table)} worker(s)")

@@ -31,7 +31,14 @@ from urllib.parse import parse_qs, quote, urlsplit, urlunsplit
 import redis
 
 from istasks.errors import WorkerUnavailable
-from istasks.keys import gid_pattern, heartbeat_patterns, progress_channel, result_prefix
+from istasks.keys import (
+    budget_patterns,
+    eviction_pattern,
+    gid_pattern,
+    heartbeat_patterns,
+    progress_channel,
+    result_prefix,
+)
 from istasks.redisconn import connect
 from queues.naming import Identity
 
@@ -91,6 +98,11 @@ def worker_rules(identity: Identity, broker_db: int) -> list[str]:
     for queue in (identity.queue, identity.prefetch_queue):
         rules += _queue_keys(queue)
     rules += [f"~{pattern}" for pattern in gid_pattern(identity.gid)]
+    # The cache budget shared by every ESAF (istasks.cache.CacheBudget): its index keys,
+    # and UNLINK alone on any reduced image, to evict the least recently used: a
+    # selector, so another ESAF's images can be deleted but never read or written.
+    rules += [f"~{pattern}" for pattern in budget_patterns()]
+    rules.append(f"(~{eviction_pattern()} +unlink)")
     # Results: SET (and PUBLISH, below) under the identity's own prefix only.
     results = result_prefix(identity.uid, identity.gid)
     rules.append(f"~{results}*")

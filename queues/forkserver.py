@@ -264,13 +264,18 @@ def _worker_main(sock: socket.socket) -> NoReturn:
 
 
 def _report_ready(sock: socket.socket) -> None:
-    """Tell the supervisor once Celery consumes (a worker that never does is stopped)."""
+    """Tell the supervisor once Celery consumes (a worker that never does is stopped);
+    then listen on the socket for memory shares."""
     from celery import signals
 
     def ready(**_: object) -> None:
         with contextlib.suppress(OSError):
             _send(sock, {"ready": True})
-        sock.close()
+        # Kept open: the supervisor sends this worker its memory share on it, and hears
+        # on it when the worker asks to be recycled (queues.budget, istasks.memory).
+        from istasks.memory import GOVERNOR
+
+        GOVERNOR.connect(sock)
 
     signals.worker_ready.connect(ready, weak=False)
 

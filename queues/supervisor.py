@@ -31,16 +31,18 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from istasks.app import master_secret
+from istasks.cache_budget import warn_about_cache_server
 from istasks.errors import IsError
 from istasks.logs import configure_logging
 from istasks.settings import Settings, get_settings
 from queues import control, proctitle
 from queues.acl import AclManager, supervisor_tag
+from queues.budget import PssSampler, share_for, workers_max_bytes
 from queues.envelope import queue_key
 from queues.forkserver import PRELOAD, ForkServer, WorkerSpec, set_child_subreaper
 from queues.naming import Identity
 from queues.orphans import adopted_orphans, kill_orphan
-from queues.pool import decode_message
+from queues.pool import decode_message, encode_message
 from queues.workers import (
     Worker,
     describe_status,
@@ -70,6 +72,8 @@ ORPHAN_CHECK_S = 0.5
 GONE_KEEP_S = 60.0
 GONE_MAX = 8
 _MAX_TICK_S = 1.0
+#: Stop reason of a worker that asked to be recycled (past its hard memory limit).
+RECYCLE_REASON = "memory"
 _SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
@@ -116,6 +120,8 @@ class Supervisor:
         self._next_acl_check = 0.0
         self._orphan_sweep_until = 0.0
         self._next_orphan_check = 0.0
+        self.recycled = 0
+        self._pss = PssSampler()
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -146,6 +152,8 @@ class Supervisor:
         self._sel.register(self._wake_r, selectors.EVENT_READ, self._on_wake)
         self._zygote = self._start_zygote()
         self._acl.probe()
+        s = self.settings
+        warn_about_cache_server(s.cache, s.broker, s.cache_max_bytes)
         self._control = control.ControlServer(
             self.socket_path, self.client_group, self._sel, self._handle_line
         )
@@ -194,6 +202,7 @@ class Supervisor:
         self._stop_zygote()
         self._acl.revoke_all()
         self._acl.close()
+        self._pss.close()
         signal.set_wakeup_fd(-1)
         for signum in (signal.SIGCHLD, *_SHUTDOWN_SIGNALS):
             signal.signal(signum, signal.SIG_DFL)
@@ -292,6 +301,7 @@ class Supervisor:
         self._close_spawn(worker)
         if worker.identity not in self._live:
             self._acl.revoke(worker.identity)
+        self._share_out()
 
     # -- control requests ---------------------------------------------------------------
 
@@ -361,10 +371,14 @@ class Supervisor:
         now = time.monotonic()
         stopping = [w for w in self._by_pid.values() if w.state == "stopping"]
         workers = [w.status_row(now) for w in [*self._live.values(), *stopping]]
+        memory = self._memory_status()
+        for row in workers:
+            row["pss_bytes"] = memory["by_pid"].get(row["pid"])
+        del memory["by_pid"]
         return {
             "ok": True, "pid": os.getpid(), "mode": "root" if self._root else "single-user",
             "acl": self._acl.status, "worker_max": self.settings.worker_max,
-            "worker_idle_s": self.settings.worker_idle_s, "workers": workers,
+            "worker_idle_s": self.settings.worker_idle_s, "workers": workers, "memory": memory,
         }  # fmt: skip
 
     # -- starting ---------------------------------------------------------------------
@@ -372,13 +386,18 @@ class Supervisor:
     def _start(self, identity: Identity, now: float) -> Worker:
         """Fork a worker for ``identity`` and send it its spec; it answers on its socket."""
         urls = self._acl.grant(identity)
+        share = share_for(self.settings, len(self._live) + 1)
+        env = worker_environment(self.settings, urls)
+        env["IS_LRU_MAX_BYTES"] = str(share.lru_max_bytes)  # its share from the start
+        env["IS_JPEG_LRU_MAX_BYTES"] = str(share.jpeg_lru_max_bytes)
+        env["IS_FRAME_LRU_MAX_BYTES"] = str(share.frame_lru_max_bytes)
         spec = WorkerSpec(
             queue=identity.queue,
             uid=identity.uid,
             gid=identity.gid,
             queue_key=queue_key(self._secret, identity.queue).decode(),
             entry=self.entry,
-            env=worker_environment(self.settings, urls),
+            env=env,
             supervisor_pid=os.getpid(),
             drop_privileges=self._root,
             concurrency=self.settings.worker_concurrency,
@@ -443,6 +462,8 @@ class Supervisor:
             ready_ms = (time.monotonic() - worker.started_at) * 1000
             log.debug("worker ready queue=%s pid=%d ready_ms=%.1f", worker.identity.queue,
                       worker.pid or 0, ready_ms)  # fmt: skip
+        elif message.get("recycle") and worker.state == "running":
+            self._recycle(worker, message)
         elif message.get("ok") is True:
             self._started(worker)
         elif message.get("ok") is False:
@@ -457,6 +478,7 @@ class Supervisor:
         log.info("worker start queue=%s pid=%d uid=%d gid=%d epoch=%d reason=request start_ms=%.1f",
                  *worker.log_fields(), worker.epoch, elapsed_ms)  # fmt: skip
         self._answer_waiters(worker, self._state(worker.identity))
+        self._share_out()
 
     def _start_failed(self, worker: Worker, reason: str) -> None:
         log.warning("worker start failed queue=%s pid=%d uid=%d gid=%d reason=%s",
@@ -489,11 +511,13 @@ class Supervisor:
 
     # -- stopping ---------------------------------------------------------------------
 
-    def _stop(self, worker: Worker, reason: str) -> None:
-        """SIGTERM (Celery's warm shutdown); SIGKILL follows after the grace period."""
+    def _stop(self, worker: Worker, reason: str, *, lost: bool = True) -> None:
+        """SIGTERM (Celery's warm shutdown); SIGKILL follows after the grace period.
+        ``lost=False``: the worker asked for it between requests (a recycle), so what it
+        took it finishes and nothing it could have taken is lost (unless it is killed)."""
         if self._live.get(worker.identity) is worker:
             del self._live[worker.identity]
-        if worker.state == "running":
+        if worker.state == "running" and lost:
             self._note_gone(worker)
         if worker.pid is None:  # forked but silent: closing its socket ends it
             self._fail_waiters(worker, f"worker for {worker.identity.queue} stopped ({reason})")
@@ -505,6 +529,44 @@ class Supervisor:
         log.info("worker stop queue=%s pid=%d uid=%d gid=%d reason=%s",
                  *worker.log_fields(), reason)  # fmt: skip
         signal_worker(worker.pid, signal.SIGTERM)
+        self._share_out()
+
+    # -- memory (queues.budget) ---------------------------------------------------------
+
+    def _share_out(self) -> None:
+        """Send every running worker its share of the host budget when it changed (the
+        number of live workers did): shrinking as identities arrive, growing as they go."""
+        share = share_for(self.settings, len(self._live))
+        for worker in self._live.values():
+            if worker.state != "running" or worker.spawn_sock is None or worker.share == share:
+                continue
+            try:
+                worker.spawn_sock.send(encode_message(share.to_message()))
+            except OSError:  # full (a stuck worker) or closed: try again on the next change
+                continue
+            worker.share = share
+
+    def _recycle(self, worker: Worker, message: dict[str, Any]) -> None:
+        """The worker is past its hard limit with its caches dropped and has no request
+        running: stop it gracefully; the next request (queued ones included) starts its
+        successor, which the bridge follows (queues.pool)."""
+        log.warning("worker recycle queue=%s pid=%d uid=%d gid=%d pss=%s hard_max_bytes=%s",
+                    *worker.log_fields(), message.get("pss"),
+                    worker.share.hard_max_bytes if worker.share else None)  # fmt: skip
+        self._stop(worker, RECYCLE_REASON, lost=False)
+        self.recycled += 1
+
+    def _memory_status(self) -> dict[str, Any]:
+        """The host budget, the current share and each live worker's PSS."""
+        share = share_for(self.settings, len(self._live))
+        pss = self._pss.watch(w.pid for w in self._live.values() if w.pid is not None)
+        return {
+            "workers_max_bytes": workers_max_bytes(self.settings),
+            "share": share.to_message()["memory"],
+            "pss_bytes": sum(v for v in pss.values() if v is not None),
+            "recycled": self.recycled,
+            "by_pid": pss,
+        }
 
     def _make_room(self, now: float) -> bool:
         """Below the cap, or stop the least recently used idle worker; False if all busy."""
@@ -540,6 +602,8 @@ class Supervisor:
                 log.warning("worker kill queue=%s pid=%d uid=%d gid=%d reason=%s (SIGKILL)",
                             *worker.log_fields(), worker.reason)  # fmt: skip
                 assert worker.pid is not None
+                if worker.reason == RECYCLE_REASON:
+                    self._note_gone(worker)  # killed mid-request after all: may have lost it
                 signal_worker(worker.pid, signal.SIGKILL)
 
     def _check_acl_users(self) -> None:

@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from istasks.settings import ENV_PREFIX, Settings
 from queues.acl import WorkerUrls
+from queues.budget import MemoryShare
 from queues.control import Client
 from queues.naming import Identity
 
@@ -56,6 +57,7 @@ class Worker:
     killed: bool = False
     ready: bool = False  # Celery consumes its queues
     run_as: tuple[int, int] | None = None  # (uid, gid) when not the identity's own
+    share: MemoryShare | None = None  # the memory share last sent to it (queues.budget)
 
     def log_fields(self) -> tuple[str, int, int, int]:
         """queue, pid, and the uid and gid the process runs as, for log lines."""

@@ -85,9 +85,11 @@ def tree() -> Iterator[HostileTree]:
 
 @pytest.fixture(scope="module")
 def stack(tree: HostileTree, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    # A storm is batches of 100 requests of one session at once: no per-session limit.
     settings_ = Settings(
-        worker_idle_s=600, view_timeout_s=30, max_xsize=MAX_XSIZE, indexer_command="/bin/true"
-    )
+        worker_idle_s=600, view_timeout_s=30, max_xsize=MAX_XSIZE, indexer_command="/bin/true",
+        session_max_in_flight=0,
+    )  # fmt: skip
     with Stack.start(tmp_path_factory.mktemp("fuzz-run"), settings_) as running:
         yield running
 
