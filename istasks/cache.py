@@ -184,17 +184,19 @@ class ByteLRU(Generic[T]):
                 self._bytes -= old[1]
             self._items[key] = (value, nbytes)
             self._bytes += nbytes
-            while self._bytes > self.max_bytes:
-                _, (_, evicted) = self._items.popitem(last=False)
-                self._bytes -= evicted
+            self._evict_over_budget()
 
     def resize(self, max_bytes: int) -> None:
         """A new budget (the supervisor's share, istasks.memory); evicts down to it now."""
         with self._lock:
             self.max_bytes = max_bytes
-            while self._bytes > self.max_bytes and self._items:
-                _, (_, evicted) = self._items.popitem(last=False)
-                self._bytes -= evicted
+            self._evict_over_budget()
+
+    def _evict_over_budget(self) -> None:
+        """Drop least recently used values until within budget (caller holds the lock)."""
+        while self._bytes > self.max_bytes and self._items:
+            _, (_, evicted) = self._items.popitem(last=False)
+            self._bytes -= evicted
 
     def clear(self) -> None:
         """Drop every value (a worker past its hard memory limit)."""
@@ -388,9 +390,14 @@ class ReducedCache(Generic[V]):
     def _store(self, key: str, value: V) -> None:
         self.lru.put(key, value, value.nbytes)
         data = value.to_bytes()
-        self._redis_call(lambda r: r.incr(stats_key(self.gid, "computed")))
+        computed = stats_key(self.gid, "computed")
         if len(data) <= min(MAX_REDIS_VALUE_BYTES, self.budget.max_bytes):
-            self._redis_call(lambda r: self.budget.store(r, key, data, self._ttl_s))
+            # One round trip on the cold path: the count rides in the store's MULTI.
+            self._redis_call(
+                lambda r: self.budget.store(r, key, data, self._ttl_s, counter=computed)
+            )
+        else:
+            self._redis_call(lambda r: r.incr(computed))
 
     def _release(self, lock: str, holder: bytes | None = None) -> None:
         """Delete our lock (or a gone ``holder``'s). GET-then-DEL is not atomic: at worst

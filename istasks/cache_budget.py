@@ -19,6 +19,7 @@ from typing import Any
 import redis
 
 from istasks.keys import CACHE_BYTES, CACHE_EVICTIONS, CACHE_INDEX, REDUCED, budget_keys
+from istasks.redisconn import connect
 
 log = logging.getLogger(__name__)
 
@@ -99,18 +100,23 @@ class CacheBudget:
         self.max_bytes = max_bytes
         self._scripts: dict[int, Any] = {}
 
-    def store(self, r: redis.Redis, key: str, data: bytes, ttl_s: int) -> tuple[int, int]:
+    def store(
+        self, r: redis.Redis, key: str, data: bytes, ttl_s: int, *, counter: str | None = None
+    ) -> tuple[int, int]:
         """Write ``key`` within the budget; (bytes used after, images evicted). One
-        MULTI: the SET, then the accounting script, atomically."""
+        MULTI: the SET, then the accounting script, atomically; ``counter`` (the
+        ESAF's "computed" statistic) is incremented in the same round trip."""
         script = self._scripts.get(id(r))
         if script is None:
             script = self._scripts[id(r)] = r.register_script(_STORE_LUA)
         now = time.time()
         args: list[str | int] = [repr(now), self.max_bytes, f"{REDUCED}:", repr(now - ttl_s)]
         with r.pipeline(transaction=True) as pipe:
+            if counter is not None:
+                pipe.incr(counter)
             pipe.set(key, data, ex=ttl_s)
             script(keys=[key, *budget_keys()], args=[*args, STALE_PER_WRITE], client=pipe)
-            _, (used, evicted) = pipe.execute()
+            used, evicted = pipe.execute()[-1]
         if evicted:
             log.info("cache budget: evicted %d image(s) for %s, %d of %d bytes used",
                      evicted, key, used, self.max_bytes)  # fmt: skip
@@ -136,7 +142,7 @@ _warned_lock = threading.Lock()
 def cache_server_problems(cache_url: str, broker_url: str | None, max_bytes: int) -> list[str]:
     """What is wrong with the cache's Redis instance, each naming the setting to fix:
     no ``maxmemory``, ``noeviction``, or the broker's own instance (same ``run_id``)."""
-    cache = redis.Redis.from_url(cache_url, socket_timeout=2.0, socket_connect_timeout=1.0)
+    cache = connect(cache_url, socket_timeout=2.0, socket_connect_timeout=1.0)
     try:
         memory = cache.info("memory")
         cache_run = cache.info("server").get("run_id")
@@ -189,7 +195,7 @@ def warn_about_cache_server(cache_url: str | None, broker_url: str | None, max_b
 
 
 def _run_id(url: str) -> object:
-    client = redis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=1.0)
+    client = connect(url, socket_timeout=2.0, socket_connect_timeout=1.0)
     try:
         return client.info("server").get("run_id")
     finally:
