@@ -28,6 +28,7 @@ from prometheus_client.registry import Collector
 
 from bridge.outcome import OUTCOMES
 from istasks.cache_budget import CacheUsage, cache_usage
+from istasks.redisconn import connect
 
 if TYPE_CHECKING:
     from queues.pool import SupervisorClient
@@ -171,8 +172,9 @@ class CacheUsageReader:
     """The cache budget read from Redis at most once per ``ttl_s``; None when unreachable."""
 
     def __init__(self, url: str, max_bytes: int, ttl_s: float = WORKERS_TTL_S) -> None:
-        self._client = redis.Redis.from_url(url, socket_timeout=WORKERS_WAIT_S,
-                                            socket_connect_timeout=WORKERS_WAIT_S)  # fmt: skip
+        self._client = connect(
+            url, socket_timeout=WORKERS_WAIT_S, socket_connect_timeout=WORKERS_WAIT_S
+        )
         self._max_bytes = max_bytes
         self._ttl_s = ttl_s
         self._lock = threading.Lock()

@@ -200,8 +200,8 @@ def _cache_budget(settings: Settings) -> dict[str, Any]:
     bytes used, images, evictions; or why they could not be read."""
     if not settings.cache:
         return {"error": "no cache configured"}
-    client = redis.Redis.from_url(
-        settings.cache, socket_connect_timeout=2.0, socket_timeout=_REDIS_TIMEOUT_S
+    client = connect(
+        settings.cache, settings, socket_connect_timeout=2.0, socket_timeout=_REDIS_TIMEOUT_S
     )
     try:
         return dataclasses.asdict(cache_usage(client, settings.cache_max_bytes))

@@ -55,6 +55,7 @@ from bridge.outcome import Reply, frames_outcome
 from bridge.sessions import Session, SessionStoreUnavailable, SessionVerifier
 from istasks.errors import AuthError, IdentityError
 from istasks.logs import redact_token
+from istasks.redisconn import connect
 from istasks.replies import error_frames
 from istasks.settings import Settings
 from queues.identity import IdentityResolver
@@ -519,7 +520,7 @@ async def _on_crash(request: Request, exc: Exception) -> Response:
 
 def health_check(url: str | None) -> Callable[[], bool]:
     """A health probe pinging the Redis at ``url`` (True without one to ping)."""
-    client = redis.Redis.from_url(url, socket_timeout=1.0) if url else None
+    client = connect(url, socket_timeout=1.0) if url else None
 
     def check() -> bool:
         if client is None:
