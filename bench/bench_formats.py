@@ -11,15 +11,13 @@ JPEG (what ``isctl render`` runs). Run: ``.venv/bin/python -m bench formats``.
 
 from __future__ import annotations
 
-import statistics
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from bench.bench_pipeline import median_ms
 from istasks.core.params import ContrastParams, LabelParams, ViewParams
 from istasks.core.readers import open_reader
 from istasks.core.view import reduce_frame, render_jpeg
@@ -41,16 +39,6 @@ READ_TARGET_MS, E2E_TARGET_MS = 250.0, 500.0
 VIEW = ViewParams(xsize=1024)
 CONTRAST = ContrastParams(wval=0, contrast=-1)
 LABEL = LabelParams(text="bench", height=16)
-
-
-def _median_ms(action: Callable[[], object]) -> float:
-    action()  # warm the page cache and imports
-    times = []
-    for _ in range(REPEATS):
-        start = time.perf_counter()
-        action()
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
 
 
 def _read(path: Path, frame: int = 1) -> Any:
@@ -85,8 +73,8 @@ def run() -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         for label, path in _files(Path(tmp)).items():
-            read_ms = _median_ms(lambda path=path: _read(path))
-            e2e_ms = _median_ms(lambda path=path: _end_to_end(path))
+            read_ms = median_ms(lambda path=path: _read(path), REPEATS)
+            e2e_ms = median_ms(lambda path=path: _end_to_end(path), REPEATS)
             rows.append(
                 {
                     "name": f"read {label}",

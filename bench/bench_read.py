@@ -7,16 +7,14 @@ reference is a plain h5py slab read through hdf5plugin's filter.
 
 from __future__ import annotations
 
-import statistics
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import h5py
 import numpy as np
 
+from bench.bench_pipeline import median_ms
 from istasks.core import bslz4
 from istasks.core.readers.eiger import EigerReader
 from ops.testdata.eiger import write_eiger2_16m
@@ -24,17 +22,6 @@ from ops.testdata.eiger import write_eiger2_16m
 TARGET_MS = 60.0
 REPEATS = 15
 FRAMES = 2
-
-
-def _median_ms(action: Callable[[], object], repeats: int = REPEATS) -> float:
-    """Median wall time of ``action`` in milliseconds (one warm-up call first)."""
-    action()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        action()
-        times.append((time.perf_counter() - start) * 1000.0)
-    return statistics.median(times)
 
 
 def _measure(master: Path) -> list[dict[str, Any]]:
@@ -50,22 +37,22 @@ def _measure(master: Path) -> list[dict[str, Any]]:
         rows = [
             (
                 "Eiger2 16M read+decompress one frame (fast path)",
-                _median_ms(lambda: reader.read_frame(1)),
+                median_ms(lambda: reader.read_frame(1), REPEATS),
                 TARGET_MS,
             ),
             (
                 f"Eiger2 16M bslz4 decode only, {bslz4.DEFAULT_THREADS} threads",
-                _median_ms(lambda: bslz4.decompress(chunk, shape, stack.dtype)),
+                median_ms(lambda: bslz4.decompress(chunk, shape, stack.dtype), REPEATS),
                 "",
             ),
             (
                 "Eiger2 16M bslz4 decode only, 1 thread",
-                _median_ms(lambda: bslz4.decompress(chunk, shape, stack.dtype, threads=1)),
+                median_ms(lambda: bslz4.decompress(chunk, shape, stack.dtype, threads=1), REPEATS),
                 "",
             ),
             (
                 "Eiger2 16M read, plain h5py + hdf5plugin (reference)",
-                _median_ms(lambda: stack[0]),
+                median_ms(lambda: stack[0], REPEATS),
                 "",
             ),
         ]

@@ -6,9 +6,7 @@ is one step of it, so each read here has a target well below that.
 
 from __future__ import annotations
 
-import statistics
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,6 +14,7 @@ from typing import Any
 import numpy as np
 import tifffile
 
+from bench.bench_pipeline import median_ms
 from istasks.core.readers import detect_format, open_reader
 from ops.testdata.cbf import write_cbf
 from ops.testdata.marccd import write_marccd
@@ -23,16 +22,6 @@ from ops.testdata.marccd import write_marccd
 REAL_MARCCD = Path(__file__).resolve().parents[1].parent / "shared" / "testdata"
 REAL_MARCCD = REAL_MARCCD / "marccd165_Ge_blanc_0000.mccd"
 REPEATS = 15
-
-
-def _median_ms(action: Callable[[], object]) -> float:
-    action()  # warm the page cache and imports
-    times = []
-    for _ in range(REPEATS):
-        start = time.perf_counter()
-        action()
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
 
 
 def _read(path: Path) -> Callable[[], object]:
@@ -69,7 +58,7 @@ def run() -> list[dict[str, Any]]:
             {
                 "name": "detect_format (MarCCD)",
                 "target": 1.0,
-                "measured": _median_ms(lambda: detect_format(str(mx300))),
+                "measured": median_ms(lambda: detect_format(str(mx300)), REPEATS),
                 "unit": "ms",
             }
         )
@@ -78,7 +67,7 @@ def run() -> list[dict[str, Any]]:
                 {
                     "name": f"open+read {label}",
                     "target": 150.0,
-                    "measured": _median_ms(_read(path)),
+                    "measured": median_ms(_read(path), REPEATS),
                     "unit": "ms",
                 }
             )
