@@ -119,6 +119,20 @@ def make_frame(
     return frame
 
 
+def create_frame_stack(
+    parent: h5py.Group, name: str, count: int, shape: tuple[int, ...], dtype: npt.DTypeLike
+) -> h5py.Dataset:
+    """The ``[count, rows, cols]`` frame stack as DECTRIS' and Odin's writers make it: one
+    bitshuffle-LZ4 chunk per frame (the readers' fast path depends on that layout)."""
+    return parent.create_dataset(
+        name,
+        shape=(count, *shape),
+        dtype=dtype,
+        chunks=(1, *shape),
+        **hdf5plugin.Bitshuffle(cname="lz4"),
+    )
+
+
 def write_data_file(
     path: Path,
     frames: list[npt.NDArray[Any]],
@@ -127,19 +141,12 @@ def write_data_file(
     image_nr_attrs: bool = True,
 ) -> None:
     """One ``<prefix>_data_NNNNNN.h5``: the stack, one bslz4 chunk per frame."""
-    rows, cols = frames[0].shape
     with h5py.File(path, "w") as file:
         entry = file.create_group("entry")
         entry.attrs["NX_class"] = np.bytes_(b"NXentry")
         data = entry.create_group("data")
         data.attrs["NX_class"] = np.bytes_(b"NXdata")
-        stack = data.create_dataset(
-            "data",
-            shape=(len(frames), rows, cols),
-            dtype=frames[0].dtype,
-            chunks=(1, rows, cols),
-            **hdf5plugin.Bitshuffle(cname="lz4"),
-        )
+        stack = create_frame_stack(data, "data", len(frames), frames[0].shape, frames[0].dtype)
         for index, frame in enumerate(frames):
             stack[index] = frame
         if image_nr_attrs:
@@ -234,13 +241,7 @@ def write_eiger_live(
         count = min(frames_per_file, nimages - first + 1)
         path = directory / name
         with h5py.File(path, "w") as file:
-            stack = file.create_dataset(
-                "entry/data/data",
-                shape=(count, *shape),
-                dtype=np.uint32,
-                chunks=(1, *shape),
-                **hdf5plugin.Bitshuffle(cname="lz4"),
-            )
+            stack = create_frame_stack(file, "entry/data/data", count, shape, np.uint32)
             stack.attrs["image_nr_low"] = np.int32(first)
             stack.attrs["image_nr_high"] = np.int32(first + count - 1)
             for index in range(count):

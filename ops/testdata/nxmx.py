@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import h5py
-import hdf5plugin
 import numpy as np
 import numpy.typing as npt
 
+from ops.testdata.eiger import create_frame_stack
 from ops.testdata.pattern import diffraction_pattern
 
 Layout = Literal["both", "links", "vds"]
@@ -61,15 +61,8 @@ def nxmx_frame(
 
 def write_odin_data_file(path: Path, frames: Sequence[npt.NDArray[np.integer]]) -> Path:
     """One data file: ``/data`` ``[n, rows, cols]``, a bslz4 chunk per frame."""
-    rows, cols = frames[0].shape
     with h5py.File(path, "w") as file:
-        stack = file.create_dataset(
-            "data",
-            shape=(len(frames), rows, cols),
-            dtype=frames[0].dtype,
-            chunks=(1, rows, cols),
-            **hdf5plugin.Bitshuffle(cname="lz4"),
-        )
+        stack = create_frame_stack(file, "data", len(frames), frames[0].shape, frames[0].dtype)
         for index, frame in enumerate(frames):
             stack[index] = frame
     return path
