@@ -14,21 +14,19 @@ Root is needed (accounts, setuid workers); the test skips without it or without 
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pytest
 
 from istasks.settings import Settings
 from ops.devsession import ensure_keypair
 from ops.stack import Stack
+from tests.compat_kit import COMPAT_DIR, replay, replay_cases, write_golden_data
 
 if TYPE_CHECKING:
     from tests.accounts import Account, Accounts
@@ -36,7 +34,6 @@ if TYPE_CHECKING:
 pytest_plugins = ("tests.accounts",)
 pytestmark = [pytest.mark.slow, pytest.mark.root]
 
-COMPAT_DIR = Path(__file__).resolve().parents[2] / "shared" / "compat"
 REPLAY_TIMEOUT_S = 600
 
 
@@ -68,18 +65,7 @@ def golden_data(kit: Path, esaf_owner: tuple[int, Account]) -> Iterator[Path]:
     top = Path(tempfile.mkdtemp(prefix="is-compat-"))
     top.chmod(0o755)
     data = top / "data"
-    subprocess.run(
-        [
-            sys.executable,
-            str(kit / "make_testdata.py"),
-            str(data),
-            "--chown",
-            f"{owner.uid}:{owner.gid}",
-        ],
-        check=True,
-        capture_output=True,
-        timeout=REPLAY_TIMEOUT_S,
-    )
+    write_golden_data(kit, data, owner.uid, owner.gid, REPLAY_TIMEOUT_S)
     yield data
     shutil.rmtree(top, ignore_errors=True)
 
@@ -101,34 +87,20 @@ def test_golden_replies_replay_without_fail_or_diff(
     user, esaf = session_user
     private_key, _ = ensure_keypair(stack.run_dir)
     report = tmp_path / "replay.json"
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(kit / "compare_golden.py"),
-            "--strict",
-            "--endpoint",
-            stack.endpoint,
-            "--data-dir",
-            str(golden_data),
-            "--redis",
-            stack.redis_url,
-            "--key",
-            str(private_key),
-            "--user",
-            user,
-            "--esaf",
-            str(esaf),
-            "--json-out",
-            str(report),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=REPLAY_TIMEOUT_S,
-        check=False,
+    done = replay(
+        kit,
+        endpoint=stack.endpoint,
+        data=golden_data,
+        redis=stack.redis_url,
+        key=private_key,
+        user=user,
+        esaf=esaf,
+        report=report,
+        timeout_s=REPLAY_TIMEOUT_S,
     )
     summary = done.stdout.strip().splitlines()[-1:] or [done.stderr[-2000:]]
     print(done.stdout)
-    cases: list[dict[str, Any]] = json.loads(report.read_text())["cases"] if report.exists() else []
+    cases = replay_cases(report)
     failing = [c["id"] for c in cases if c.get("status") != "MATCH"]
     assert cases, f"the replay ran no case: {summary[0]}\n{done.stderr[-2000:]}"
     assert not failing, f"cases not MATCH: {failing}\n{done.stdout}"

@@ -22,7 +22,6 @@ import secrets
 import shutil
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from base64 import b64encode
@@ -34,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from ops.devsession import generate_keypair
+from tests.compat_kit import COMPAT_DIR, replay, replay_cases, write_golden_data
 
 if TYPE_CHECKING:
     from tests.accounts import Account, Accounts
@@ -41,7 +41,6 @@ if TYPE_CHECKING:
 pytest_plugins = ("tests.accounts",)
 
 ROOT = Path(__file__).resolve().parent.parent
-COMPAT_DIR = ROOT.parent / "shared" / "compat"
 ENABLED = os.environ.get("IS_COMPOSE_CHECK") == "1"
 BASE_IMAGE = os.environ.get("IS_BASE_IMAGE", "is-base:bookworm")
 REDIS_IMAGE = os.environ.get("IS_REDIS_IMAGE", "is-redis:bookworm")
@@ -152,18 +151,7 @@ def deployment(
     top = tmp_path_factory.mktemp("compose")
     top.chmod(0o755)
     data = top / "data"
-    subprocess.run(
-        [
-            sys.executable,
-            str(kit / "make_testdata.py"),
-            str(data),
-            "--chown",
-            f"{owner.uid}:{owner.gid}",
-        ],
-        check=True,
-        capture_output=True,
-        timeout=REPLAY_TIMEOUT_S,
-    )
+    write_golden_data(kit, data, owner.uid, owner.gid, REPLAY_TIMEOUT_S)
     secret_dir = top / "secrets"
     private_key, public_key = generate_keypair(top / "keys")
     secret_dir.mkdir()
@@ -282,33 +270,19 @@ def test_golden_replay_and_worker_identity(
 ) -> None:
     user, esaf, owner = identity
     report = tmp_path / "replay.json"
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(kit / "compare_golden.py"),
-            "--strict",
-            "--endpoint",
-            f"tcp://127.0.0.1:{deployment.bridge_port}",
-            "--data-dir",
-            str(deployment.data),
-            "--redis",
-            f"127.0.0.1:{deployment.redis_port}",
-            "--key",
-            str(deployment.private_key),
-            "--user",
-            user.name,
-            "--esaf",
-            str(esaf),
-            "--json-out",
-            str(report),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=REPLAY_TIMEOUT_S,
-        check=False,
+    done = replay(
+        kit,
+        endpoint=f"tcp://127.0.0.1:{deployment.bridge_port}",
+        data=deployment.data,
+        redis=f"127.0.0.1:{deployment.redis_port}",
+        key=deployment.private_key,
+        user=user.name,
+        esaf=esaf,
+        report=report,
+        timeout_s=REPLAY_TIMEOUT_S,
     )
     print(done.stdout)
-    cases: list[dict[str, Any]] = json.loads(report.read_text())["cases"] if report.exists() else []
+    cases = replay_cases(report)
     assert cases, f"the replay ran no case:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     failing = [c["id"] for c in cases if c.get("status") != "MATCH"]
     assert not failing, f"cases not MATCH: {failing}\n{done.stdout}"
