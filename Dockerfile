@@ -24,7 +24,7 @@ RUN update-ca-certificates
 # Dependencies first, from pyproject.toml alone: this layer (the slow one) stays cached
 # while only the code changes.
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 RUN python3 -m venv /opt/is/.venv \
  && /opt/is/.venv/bin/pip install --upgrade pip setuptools wheel \
  && /opt/is/.venv/bin/python -c 'import tomllib; d = tomllib.load(open("pyproject.toml", "rb")); print("\n".join(d["project"]["dependencies"]))' > /tmp/requirements.txt \

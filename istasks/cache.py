@@ -268,6 +268,8 @@ class ReducedCache(Generic[V]):
         self._redis_down_until = 0.0
         self._token_suffix = uuid.uuid4().hex
         self._hits = HitReporter(self._redis_call, stats_key(gid, "lru_hits"), ttl_s)
+        # Values computed for this process only still count as computed, off the path.
+        self._computed_here = HitReporter(self._redis_call, stats_key(gid, "computed"), ttl_s)
 
     def get(
         self,
@@ -276,13 +278,16 @@ class ReducedCache(Generic[V]):
         compute: Callable[[FileVersion], V],
         *,
         version: FileVersion | None = None,
+        shared: bool = True,
     ) -> V:
         """The reduced image of ``path`` for ``view_token``; ``compute`` runs on a miss.
 
         ``version`` is the caller's fresh :func:`stat_version` of ``path`` (stat'ed here
-        when not given). ``compute``'s DataUnavailable (and any other error) propagates
-        and nothing is cached, so the next request tries again. How the value was found
-        goes to the enclosing :func:`report_outcome` block, if any.
+        when not given). ``shared=False`` keeps the value in this process only (no Redis
+        read, lock or write: zoom tiles, see ``Settings.share_zoomed_views``).
+        ``compute``'s DataUnavailable (and any other error) propagates and nothing is
+        cached, so the next request tries again. How the value was found goes to the
+        enclosing :func:`report_outcome` block, if any.
         """
         version = version or stat_version(path)
         key = self.key(version, view_token)
@@ -291,7 +296,8 @@ class ReducedCache(Generic[V]):
             self._hits.note(key)
             note_outcome("lru")
             return value
-        value, outcome = self._flights.do(key, lambda: self._load(key, version, compute))
+        load = self._load if shared else self._compute_here
+        value, outcome = self._flights.do(key, lambda: load(key, version, compute))
         note_outcome(outcome)
         return value
 
@@ -304,6 +310,7 @@ class ReducedCache(Generic[V]):
         """The gid's counters in Redis (``computed``, ``hits``, ``lru_hits``), with this
         process's LRU hits reported first."""
         self._hits.flush()
+        self._computed_here.flush()
         names = ("computed", "hits", "lru_hits")
         raw = self._redis_call(lambda r: r.mget([stats_key(self.gid, n) for n in names]))
         values = raw if isinstance(raw, list) else [None] * len(names)
@@ -312,10 +319,19 @@ class ReducedCache(Generic[V]):
     def close(self) -> None:
         """Report pending LRU hits, then release the Redis connection pool."""
         self._hits.close()
+        self._computed_here.close()
         if self._redis is not None:
             self._redis.close()
 
     # -- miss path --------------------------------------------------------------------
+
+    def _compute_here(
+        self, key: str, version: FileVersion, compute: Callable[[FileVersion], V]
+    ) -> tuple[V, CacheOutcome]:
+        value = compute(version)
+        self.lru.put(key, value, value.nbytes)
+        self._computed_here.note()
+        return value, "computed"
 
     def _load(
         self, key: str, version: FileVersion, compute: Callable[[FileVersion], V]
@@ -457,10 +473,12 @@ class HitReporter:
         self._closed = False
         self._thread: threading.Thread | None = None
 
-    def note(self, key: str) -> None:
-        """Record one hit of ``key``; written soon by the background thread."""
+    def note(self, key: str | None = None) -> None:
+        """Record one hit of ``key`` (None: count it only, there is no key in Redis to
+        refresh); written soon by the background thread."""
         with self._lock:
-            self._pending[key] = None
+            if key is not None:
+                self._pending[key] = None
             self._count += 1
             if self._thread is None and not self._closed:
                 self._thread = threading.Thread(target=self._run, name="is-cache-hits", daemon=True)

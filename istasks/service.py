@@ -29,6 +29,7 @@ from istasks.cache import (
     note_outcome,
     stat_version,
 )
+from istasks.core import bands
 from istasks.core.params import MIN_XSIZE, ContrastParams, LabelParams, ViewParams
 from istasks.core.readers import open_reader
 from istasks.core.readers.base import Frame, FrameReader
@@ -226,7 +227,8 @@ class Service:
             )
 
         token = params.cache_token(fold=self.settings.fold_edges)
-        return self.cache.get(path, token, compute, version=version)
+        shared = params.zoom <= 1.0 or self.settings.share_zoomed_views
+        return self.cache.get(path, token, compute, version=version, shared=shared)
 
     def decoded(self, version: FileVersion, number: int) -> Frame:
         """Frame ``number`` of the file at ``version``, prepared for reduction: from the
@@ -317,6 +319,7 @@ def build_service(settings: Settings, identity: Identity, *, threads: int | None
     """The service of ``identity``'s worker (cache of its ESAF gid) with ``threads`` task
     threads (default ``settings.worker_concurrency``), wired to the cache Redis and, for
     index progress, to the result Redis (where the bridge listens)."""
+    bands.set_threads(settings.image_threads)
     cache: ReducedCache[Reduced] = ReducedCache(
         settings.cache,
         identity.gid,

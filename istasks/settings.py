@@ -73,6 +73,12 @@ class Settings:
     # are reduced without decoding it again: room for two Eiger2 16M uint32 frames
     # (4148 x 4362 x 4 B = 72.4 MB each). 0: off.
     frame_lru_max_bytes: int = 160 * 1024 * 1024
+    # Whether zoomed views (tiles) go to the cache Redis too. Off: a tile is kept in the
+    # worker's LRU only. Recomputing it from the frame LRU costs less than storing it
+    # (4 MB per 1024 px uint32 tile, 28 tiles for one frame looked over at zoom 2-8),
+    # the store held a single-threaded Redis, which carries every request, for ~10 ms
+    # per tile, and tiles would evict the views of other frames from the budget.
+    share_zoomed_views: bool = False
     max_xsize: int = 10000
     # Cost limits against one user starving a host: pixels of one view (a 10000 px view
     # costs 4 s of CPU and 400 MB), and requests one session may have in flight at once
@@ -101,6 +107,10 @@ class Settings:
     worker_idle_s: float = 600.0
     worker_max: int = 64
     worker_concurrency: int = 4
+    # Threads one image's compiled passes may use at once (istasks.core.bands): a zoom
+    # tile's reduce, statistics and grey levels split into row bands. 0: the CPUs this
+    # process may run on, at most 4; 1: none.
+    core_threads: int = 0
     # Memory of every worker of this host together (0: a share of the machine's memory,
     # queues.budget.default_workers_max_bytes). Each live worker gets an equal share for
     # its in-process caches (the two LRU settings above are ceilings) and is recycled
@@ -156,6 +166,13 @@ class Settings:
             if raw is not None:
                 values[f.name] = _convert(f.name, raw, hints[f.name])
         return cls(**values)  # type: ignore[arg-type]
+
+    @property
+    def image_threads(self) -> int:
+        """``core_threads``, with 0 resolved to this process's CPUs (at most 4)."""
+        if self.core_threads > 0:
+            return self.core_threads
+        return max(1, min(4, len(os.sched_getaffinity(0))))
 
     @property
     def broker(self) -> str | None:

@@ -10,8 +10,9 @@ from typing import Any
 
 import numpy as np
 import pytest
+import redis
 
-from istasks.cache import ReaderCache
+from istasks.cache import ReaderCache, report_outcome, stat_version
 from istasks.core.params import ViewParams
 from istasks.core.readers import open_reader
 from istasks.core.readers.base import Frame, FrameReader
@@ -143,3 +144,32 @@ def test_a_rewritten_file_is_decoded_again(
         path.replace(data / path.name)
     service.jpeg({"fn": str(master), "xsize": 64, "zoom": 2})
     assert reads == [1, 1]
+
+
+def _cached_in_redis(svc: Service, master: Path, params: ViewParams) -> bool:
+    key = svc.cache.key(stat_version(str(master)), params.cache_token())
+    client = redis.Redis.from_url(svc.settings.cache or "")
+    try:
+        return bool(client.exists(key))
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_zoomed_views_stay_in_the_worker_unless_shared(
+    redis_url: str, master: Path, reads: list[int], shared: bool
+) -> None:
+    svc = _counting_service(redis_url, reads, share_zoomed_views=shared)
+    whole, tile = ViewParams(2, 96), ViewParams(2, 96, 2.0, 1.0, 0.0)
+    try:
+        for params in (whole, tile):
+            svc.jpeg({"fn": str(master), "frame": 2, "xsize": 96, "zoom": params.zoom,
+                      "segcol": params.segcol, "segrow": params.segrow})  # fmt: skip
+        assert _cached_in_redis(svc, master, whole)
+        assert _cached_in_redis(svc, master, tile) is shared
+        assert svc.cache.stats()["computed"] == 2  # a tile kept here still counts
+        with report_outcome() as outcome:  # and is served from this worker's LRU
+            svc.reduced(str(master), tile)
+        assert outcome.outcome == "lru" and reads == [2]
+    finally:
+        svc.close()

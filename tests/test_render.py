@@ -12,6 +12,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from istasks import jobs
@@ -95,6 +97,23 @@ def test_grey_levels_follow_the_spec_formula_exactly(
     assert view.shape == pixels.shape and view.dtype == np.uint8
     expected = [spec_grey(int(v), white, black) for v in pixels.ravel()]
     assert view.ravel().tolist() == expected
+
+
+@given(st.integers(0, 2**32), st.integers(1, 2**32), st.integers(0, 2**32 - 1))
+@settings(max_examples=200, deadline=None)
+def test_grey_levels_for_any_levels_are_the_exact_formula(white: int, span: int, seed: int) -> None:
+    """Spans of every size (a table below 2**16, a division per pixel above)."""
+    rng = np.random.default_rng(seed)
+    near = np.clip(rng.integers(white - 3, white + span + 3, 48), 0, 2**32 - 1)
+    pixels = np.concatenate([near, rng.integers(0, 2**32, 16)]).astype(np.uint32).reshape(4, 16)
+    view = to_8bit(pixels, U32_SAT, Levels(white, white + span))
+    expected = [
+        spec_grey(int(v), white, white + span) if v != U32_SAT else -1 for v in pixels.ravel()
+    ]
+    got = view.ravel().tolist() if view.ndim == 2 else view[..., 1].ravel().tolist()
+    assert [g for g, e in zip(got, expected, strict=True) if e >= 0] == [
+        e for e in expected if e >= 0
+    ]
 
 
 def test_grey_view_for_large_32_bit_values() -> None:

@@ -18,21 +18,18 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from istasks.core import _kernels as kernels
+from istasks.core import bands
 from istasks.core.params import ContrastParams
 
 Pixels = npt.NDArray[np.unsignedinteger[Any]]
 View8 = npt.NDArray[np.uint8]
 
 RED = (255, 0, 0)
-#: Pixels per block: float64 temporaries of ~2 MB stay in cache.
-_BLOCK_PIXELS = 1 << 18
 #: Highest white point: above any 32-bit pixel. Requests may carry any JSON integer;
 #: beyond 2**53 float64 cannot tell ``b`` from ``b - w`` (NaN pixels), beyond 2**1024
 #: ``float()`` fails. Clamping keeps the view identical: every pixel is below it.
 MAX_LEVEL = 1 << 32
-#: Widest white..black span converted through a lookup table (the usual auto contrast
-#: spans a few hundred counts); wider spans use the float formula directly.
-_LUT_MAX_SPAN = 1 << 16
 _NONE: npt.NDArray[np.intp] = np.empty(0, np.intp)
 _NONE.flags.writeable = False
 
@@ -127,52 +124,17 @@ def saturated_indices(pixels: Pixels, saturation: int) -> npt.NDArray[np.intp]:
 
 
 def grey_into(pixels: Pixels, levels: Levels, out: View8) -> None:
-    """Write the grey levels of ``pixels`` into ``out`` (same shape), block by block.
+    """Write the grey levels of ``pixels`` into ``out`` (same shape), in one compiled pass.
 
-    ``255 - ceil((clip(v, w, b) - w) * 255 / (b - w))`` equals the spec's truncated
-    formula exactly: the float64 numerator is an exact integer, one correctly rounded
-    division cannot cross an integer (a fraction is at least 1 / (b - w) away), and
-    ``trunc(255 - x) == 255 - ceil(x)`` for 0 <= x <= 255.
+    ``255 - ceil((clip(v, w, b) - w) * 255 / (b - w))``, computed in integers, equals the
+    spec's truncated float formula exactly: the float64 numerator is an exact integer,
+    one correctly rounded division cannot cross an integer (a fraction is at least
+    1 / (b - w) away), so its ceiling is the exact quotient's, and ``trunc(255 - x) ==
+    255 - ceil(x)`` for 0 <= x <= 255.
     """
-    step = max(_BLOCK_PIXELS // max(pixels.shape[1], 1), 1)
-    if _lut_fits(pixels, levels):
-        _grey_by_table(pixels, levels, out, step)
-        return
-    white, black = float(levels.white), float(levels.black)
-    span = black - white
-    for start in range(0, pixels.shape[0], step):
-        block = pixels[start : start + step].astype(np.float64)
-        np.clip(block, white, black, out=block)
-        block -= white
-        block *= 255.0
-        block /= span
-        np.ceil(block, out=block)
-        np.subtract(255.0, block, out=block)
-        np.copyto(out[start : start + step], block, casting="unsafe")
+    source = np.ascontiguousarray(pixels)
 
+    def band(start: int, stop: int) -> None:
+        kernels.grey(source[start:stop], levels.white, levels.black, out[start:stop])
 
-def _lut_fits(pixels: Pixels, levels: Levels) -> bool:
-    """Whether a grey table over ``white..black`` is small and indexable by the pixels."""
-    return (
-        pixels.dtype.kind == "u"
-        and levels.black - levels.white <= _LUT_MAX_SPAN
-        and levels.white <= int(np.iinfo(pixels.dtype).max)
-    )
-
-
-def _grey_by_table(pixels: Pixels, levels: Levels, out: View8, step: int) -> None:
-    """:func:`grey_into` through a table of the same formula per level (identical output,
-    one integer clip and a gather per pixel instead of five float64 passes)."""
-    span = levels.black - levels.white
-    table = np.arange(span + 1, dtype=np.float64)
-    table *= 255.0
-    table /= float(span)
-    np.ceil(table, out=table)
-    grey = (255.0 - table).astype(np.uint8)
-    # Values above the dtype cannot occur, so the top clip never needs a wider type.
-    high = pixels.dtype.type(min(levels.black, int(np.iinfo(pixels.dtype).max)))
-    white = pixels.dtype.type(levels.white)
-    for start in range(0, pixels.shape[0], step):
-        block = np.clip(pixels[start : start + step], white, high)
-        block -= white
-        np.take(grey, block, out=out[start : start + step])
+    bands.run(band, bands.bands(*source.shape))

@@ -54,6 +54,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from istasks.core import _kernels as kernels
+from istasks.core import bands
 from istasks.core.params import MIN_XSIZE, ViewParams
 from istasks.core.readers.base import PixelMask
 from istasks.errors import DataUnavailable, InvalidView
@@ -64,8 +66,6 @@ Floats = npt.NDArray[np.float64]
 
 #: Source dtypes the pipeline accepts (spec: image_depth 2 or 4).
 PIXEL_DTYPES = (np.dtype(np.uint16), np.dtype(np.uint32))
-#: Output pixels per block of reduced rows (the row-reduced block stays in cache).
-_ROW_BLOCK_PIXELS = 1 << 18
 #: Pixels per block when scanning a region for saturated pixels.
 _SCAN_BLOCK_PIXELS = 1 << 20
 #: Above this many saturated output pixels, one weighted scan beats box-by-box counts.
@@ -317,57 +317,22 @@ def _one_box(boxes: Boxes, index: int) -> Boxes:
 
 
 def reduce_boxes(pixels: Pixels, rows: Boxes, cols: Boxes, shape: tuple[int, int]) -> Pixels:
-    """Max of every box, separably: rows first (contiguous reads, one reduce per output
-    row over its a + 1 source rows), then columns while the row-reduced block is still
-    in cache. Works in blocks of output rows; no temporary larger than a block."""
+    """Max of every box, separably and in one compiled pass (:mod:`istasks.core._kernels`):
+    the source rows of each output row are folded into one row buffer, then each column
+    box takes the max of its slice of it. Output pixels without a box are 0."""
     if rows.empty or cols.empty:
         return np.zeros(shape, pixels.dtype)
     covered = (rows.out_lo, rows.out_hi, cols.out_lo, cols.out_hi) == (0, shape[0], 0, shape[1])
     out = np.empty(shape, pixels.dtype) if covered else np.zeros(shape, pixels.dtype)
     target = out[rows.out_lo : rows.out_hi, cols.out_lo : cols.out_hi]
-    col_lo, col_hi = int(cols.starts[0]), int(cols.ends[-1])
-    source = pixels[:, col_lo:col_hi]
-    gathers, wide = _column_gathers(cols, col_lo)
-    step = max(_ROW_BLOCK_PIXELS // source.shape[1], 1)
-    block = np.empty((min(step, target.shape[0]), source.shape[1]), pixels.dtype)
-    firsts, ends = rows.starts.tolist(), rows.ends.tolist()
-    for start in range(0, target.shape[0], step):
-        stop = min(start + step, target.shape[0])
-        part = block[: stop - start]
-        # One reduce per output row over contiguous rows: ~5 ms for Eiger2 16M -> 1024,
-        # where np.maximum.reduceat along axis 0 takes ~70 ms.
-        for i in range(start, stop):
-            np.maximum.reduce(source[firsts[i] : ends[i]], axis=0, out=part[i - start])
-        _reduce_columns(part, gathers, target[start:stop])
-        for j, first, end in wide:
-            np.maximum.reduce(part[:, first:end], axis=1, out=target[start:stop, j])
+    source = np.ascontiguousarray(pixels)
+
+    def band(start: int, stop: int) -> None:
+        first, end, part = rows.starts[start:stop], rows.ends[start:stop], target[start:stop]
+        kernels.reduce_boxes(source, first, end, cols.starts, cols.ends, part)
+
+    bands.run(band, bands.bands(*target.shape))
     return out
-
-
-def _column_gathers(cols: Boxes, col_lo: int) -> tuple[list[Index], list[tuple[int, int, int]]]:
-    """Column index arrays whose elementwise maximum is the column reduction, and the
-    boxes wider than the usual ``a + 1`` (the folded edge boxes) as (output, first, end).
-
-    Array ``j`` holds column ``j`` of every box, repeating a box's last column when the
-    box is shorter (harmless for a maximum); a wide box is finished separately.
-    """
-    starts, ends = cols.starts - col_lo, cols.ends - col_lo
-    widths = ends - starts
-    usual = int(np.max(widths[1:-1])) if widths.size > 2 else int(widths.max())
-    wide = [(j, int(starts[j]), int(ends[j])) for j in np.flatnonzero(widths > usual).tolist()]
-    last = ends - 1
-    return [np.minimum(starts + j, last) for j in range(usual)], wide
-
-
-def _reduce_columns(part: Pixels, gathers: list[Index], out: Pixels) -> None:
-    """Write the column reduction of ``part`` into ``out``.
-
-    Gathering whole columns and keeping a running maximum takes ~4 ms for 1024 boxes of
-    4-5 columns, half of np.maximum.reduceat along axis 1.
-    """
-    np.take(part, gathers[0], axis=1, out=out, mode="clip")
-    for columns in gathers[1:]:
-        np.maximum(out, np.take(part, columns, axis=1, mode="clip"), out=out)
 
 
 def reduce_nearest(pixels: Pixels, window: Window) -> Pixels:
@@ -388,11 +353,16 @@ def reduce_nearest(pixels: Pixels, window: Window) -> Pixels:
         row_in &= k_in
         col_in &= l_in
         wraps = np.flatnonzero(l_in & (cc == width))
-    out = np.zeros((window.out_height, window.out_width), pixels.dtype)
-    take_rows, take_cols = np.flatnonzero(row_in), np.flatnonzero(col_in)
-    if take_rows.size and take_cols.size:
-        picked = np.take(pixels, rr[take_rows].astype(np.intp), axis=0)
-        out[np.ix_(take_rows, take_cols)] = np.take(picked, cc[take_cols].astype(np.intp), axis=1)
+    out = np.empty((window.out_height, window.out_width), pixels.dtype)
+    # Index -1: a sample outside the image, read as 0.
+    rows = np.where(row_in, rr, -1).astype(np.intp)
+    cols = np.where(col_in, cc, -1).astype(np.intp)
+    source = np.ascontiguousarray(pixels)
+
+    def band(start: int, stop: int) -> None:
+        kernels.gather(source, rows[start:stop], cols, out[start:stop])
+
+    bands.run(band, bands.bands(*out.shape))
     if wraps.size:
         # Column W of row r is the first pixel of row r + 1 in the flat buffer.
         below = np.flatnonzero(k_in & (rr + 1 < height))

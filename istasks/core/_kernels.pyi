@@ -1,0 +1,33 @@
+"""Types of the compiled loops (istasks/core/_kernels.pyx); see that file for what each does."""
+
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+_Pixels = npt.NDArray[np.unsignedinteger[Any]]
+_Index = npt.NDArray[np.intp]
+_Bytes = npt.NDArray[np.uint8]
+
+def reduce_boxes(
+    pixels: _Pixels,
+    row_starts: _Index,
+    row_ends: _Index,
+    col_starts: _Index,
+    col_ends: _Index,
+    out: _Pixels,
+) -> None: ...
+def gather(pixels: _Pixels, rows: _Index, cols: _Index, out: _Pixels) -> None: ...
+def ring_bins(
+    dy2: npt.NDArray[np.float64],
+    dx2: npt.NDArray[np.float64],
+    low: float,
+    scale: float,
+    top_bin: int,
+    out: _Bytes,
+) -> None: ...
+def ring_sums(
+    flat: _Pixels, bins: _Bytes, count: int, sentinel: int
+) -> tuple[list[int], list[int], list[int], int | None, int | None]: ...
+def count_above(flat: _Pixels, bins: _Bytes, cuts: npt.NDArray[np.int64]) -> int: ...
+def grey(pixels: _Pixels, white: int, black: int, out: _Bytes) -> None: ...

@@ -1,0 +1,78 @@
+"""Row bands: one image's compiled passes (:mod:`istasks.core._kernels`) on a few threads.
+
+A zoom tile's reduction, statistics and grey levels are each a pass over a 1024 x 1024
+image in a kernel that releases the GIL; cut into bands of rows they run on several
+cores at once, which halves a tile's compute on two cores (issue 13: a tile has 15 ms end
+to end). Small images (thumbnails, the 64 px views) stay on the calling thread, where a
+hand-over would cost more than it saves.
+
+The pool is made on first use, so a process that only imports the core (the worker's
+fork server) stays single-threaded; :func:`set_threads` sizes it (the worker does, from
+``IS_CORE_THREADS``). Results come back in band order.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+T = TypeVar("T")
+
+#: Below this many pixels an image is one band.
+MIN_BAND_PIXELS = 1 << 17
+
+
+class _Bands:
+    """The thread count and the (lazily made) pool behind the module functions."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.threads = 1
+        self.pool: ThreadPoolExecutor | None = None
+
+    def set_threads(self, threads: int) -> None:
+        with self.lock:
+            self.threads = max(1, threads)
+            old, self.pool = self.pool, None
+        if old is not None:
+            old.shutdown(wait=False)
+
+    def get_pool(self) -> ThreadPoolExecutor:
+        with self.lock:
+            if self.pool is None:
+                workers = max(self.threads - 1, 1)
+                self.pool = ThreadPoolExecutor(workers, thread_name_prefix="is-band")
+            return self.pool
+
+
+_BANDS = _Bands()
+
+
+def set_threads(threads: int) -> None:
+    """Use up to ``threads`` bands per image from now on (1: no pool at all)."""
+    _BANDS.set_threads(threads)
+
+
+def threads() -> int:
+    """How many bands an image may be cut into."""
+    return _BANDS.threads
+
+
+def bands(rows: int, width: int) -> list[tuple[int, int]]:
+    """``[start, stop)`` row ranges covering ``rows`` rows of ``width`` pixels: one per
+    thread, or one in all for a small image."""
+    parts = min(_BANDS.threads, max(1, rows * width // MIN_BAND_PIXELS), max(rows, 1))
+    return list(itertools.pairwise(rows * k // parts for k in range(parts + 1)))
+
+
+def run(work: Callable[[int, int], T], ranges: list[tuple[int, int]]) -> list[T]:
+    """``work(start, stop)`` for every range, the first on this thread and the others
+    on the pool at the same time; exceptions propagate."""
+    if len(ranges) == 1:
+        return [work(*ranges[0])]
+    others = [_BANDS.get_pool().submit(work, *band) for band in ranges[1:]]
+    first = work(*ranges[0])
+    return [first, *(future.result() for future in others)]
