@@ -153,7 +153,12 @@ class Service:
         except (DataUnavailable, OSError) as exc:
             log.info("spots %s: no data (%s)", fn, exc)
             raise SpotsDataError(f"Missing data for job {dumps(edited)}") from exc
-        return [_json(edited), _json(_reply_meta(reduced, fn))]
+        meta = _reply_meta(reduced, fn)
+        if job.get("rings") is True and reduced.rings is not None:
+            # Asked for by the gateway (its meta endpoint); is.js never sends it, so its
+            # replies stay the original's.
+            meta["rings"] = reduced.rings
+        return [_json(edited), _json(meta)]
 
     def index(self, job: Job) -> Frames:
         """Job (unchanged) and the indexer's result JSON or ``""`` (spec 2.4, 6.2)."""

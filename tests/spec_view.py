@@ -35,6 +35,8 @@ class SpecView:
     win_width: int
     win_height: int
     stats: dict[str, Any] = field(default_factory=dict)
+    #: Per ring bin: (n, mean, rms, spots), as the spot loop used them.
+    rings: list[tuple[int, float, float, int]] = field(default_factory=list)
 
 
 def spec_reduce(
@@ -173,11 +175,15 @@ def spec_stats(
             low_value, high_value = min(low_value, pix), max(high_value, pix)
     mean_bin = [total[b] / n[b] if n[b] else 0.0 for b in range(BINS)]
     rms_bin = [math.sqrt(squares[b] / n[b]) if n[b] else 0.0 for b in range(BINS)]
-    spots = 0
+    spots_bin = [0] * BINS
     for row in range(dst_height):
         for col in range(dst_width):
             b = bins[row, col]
-            spots += float(int(view.pixels[row, col])) - mean_bin[b] > sensitivity * rms_bin[b]
+            spots_bin[b] += (
+                float(int(view.pixels[row, col])) - mean_bin[b] > sensitivity * rms_bin[b]
+            )
+    spots = sum(spots_bin)
+    view.rings = [(n[b], mean_bin[b], rms_bin[b], spots_bin[b]) for b in range(BINS)]
     count = sum(n)
     if count == 0:
         stats: dict[str, Any] = {"n": 0, "mean": 0.0, "rms": 0.0, "stddev": 0.0}

@@ -186,6 +186,12 @@ def test_meta_with_spots_and_statistics(http: httpx.Client, data_dir: Path) -> N
     meta = response.json()
     assert meta["spots"] > 0 and meta["last_frame"] == 4
     assert {"mean", "stddev", "wavelength", "beam_center_x"} <= set(meta)
+    rings = meta["rings"]  # the ring statistics: the whole view's numbers, ring by ring
+    assert [r["ring"] for r in rings] == list(range(16))
+    assert (
+        sum(r["n"] for r in rings) == meta["n"] and sum(r["spots"] for r in rings) == meta["spots"]
+    )
+    assert all(r["inner_px"] < r["outer_px"] for r in rings)
 
 
 # -- sessions ---------------------------------------------------------------------------

@@ -6,6 +6,7 @@ exactly (==). The one documented difference, exact sums of squares, is tested on
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any
 
@@ -79,6 +80,8 @@ def test_stats_match_spec(
     )  # fmt: skip
     expected = spec_stats(view, beam)
     assert stats_of(reduced.meta) == expected
+    rings = reduced.rings or []
+    assert [(r["n"], r["mean"], r["rms"], r["spots"]) for r in rings] == view.rings
     # No value above 65535 enters the sums: the original's wrapped squares agree too.
     assert spec_stats(view, beam, wrap_squares=True) == expected
     assert type(reduced.meta["min"]) is int and type(reduced.meta["max"]) is int
@@ -236,3 +239,26 @@ def test_ring_layouts_are_reused_and_read_only(rng: np.random.Generator) -> None
     assert image_stats(pixels, (10.5, 20.5), sentinel=None) == first
     bins = ring_bins((32, 32), (10.5, 20.5))
     assert bins.max() == RING_BINS - 1
+
+
+def test_ring_radii_bound_the_pixels_of_each_ring() -> None:
+    """Each ring's radii (detector pixels) hold the distances of the view pixels in it,
+    mapped back to the detector; the rings meet edge to edge, innermost first."""
+    pixels = np.ones((400, 300), np.uint32)
+    beam = (100.5, 180.25)
+    reduced = reduce_frame(frame_of(pixels, None, beam_center_x=beam[0], beam_center_y=beam[1]),
+                           ViewParams(xsize=100))  # fmt: skip
+    rings = reduced.rings or []
+    assert len(rings) == RING_BINS and rings[0]["inner_px"] == 0.0
+    assert all(a["outer_px"] == b["inner_px"] for a, b in itertools.pairwise(rings))
+    scale = 300 / 100  # detector pixels per view pixel across
+    bins = ring_bins((100, 100), (beam[0] / scale, beam[1] / (400 / 100)))
+    rows, cols = np.indices((100, 100))
+    radius = np.hypot(cols - beam[0] / scale, rows - beam[1] / 4.0) * scale
+    for b, ring in enumerate(rings):
+        inside = radius[bins == b]
+        assert ring["n"] == inside.size
+        if inside.size:
+            assert (
+                ring["inner_px"] - 0.01 <= inside.min() and inside.max() <= ring["outer_px"] + 0.01
+            )

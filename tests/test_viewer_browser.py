@@ -132,6 +132,12 @@ def test_viewer_in_chromium(stack: Stack, data_dir: Path, browser: Any, tmp_path
     assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
     assert page.text_content("#frame-last") == "4"
     assert int(page.text_content("#stat-spots") or "0") > 0
+    # The ring panel: a row per ring with pixels, each its resolution shell in Å.
+    shells = page.eval_on_selector_all(
+        "#rings-table tbody tr td:first-child", "cells => cells.map(c => c.textContent)"
+    )
+    outer = [float(shell.split("–")[1]) for shell in shells]  # Å, falling outwards
+    assert len(outer) >= 8 and outer == sorted(outer, reverse=True) and outer[-1] > 0
     shot = Path(os.environ.get("VIEWER_SCREENSHOT") or tmp_path / "viewer.png")
     page.screenshot(path=str(shot))
     assert shot.stat().st_size > 10_000

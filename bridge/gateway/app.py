@@ -251,9 +251,8 @@ class Gateway:
         esaf = _esaf(request)
         pid, identity = await self._admit(request, esaf)
         fields = parse_query(_single(request), self._frame_fields)
-        frames = await self._call(
-            pid, identity, "spots", {"type": "spots", "pid": pid, "esaf": esaf, **fields}
-        )
+        job = {"type": "spots", "pid": pid, "esaf": esaf, "rings": True, **fields}
+        frames = await self._call(pid, identity, "spots", job)
         if frames[0]:
             raise Problem(error_status(frames), _detail(frames, pid))
         if len(frames) < 3:

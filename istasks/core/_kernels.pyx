@@ -196,13 +196,27 @@ cdef inline void _flush(
 
 
 def count_above(const pixel_t[::1] flat, const uint8_t[::1] bins, const int64_t[::1] cuts):
-    """How many pixels exceed their bin's cut: ``flat[k] > cuts[bins[k]]``."""
+    """Per bin, how many pixels exceed the bin's cut (``flat[k] > cuts[bins[k]]``); a
+    list of ``len(cuts)`` counts (``cuts`` has an entry for every uint8 bin)."""
+    if cuts.shape[0] < MAX_BINS:
+        raise ValueError(f"cuts needs {MAX_BINS} entries, got {cuts.shape[0]}")
+    cdef int64_t found[MAX_BINS]
     cdef Py_ssize_t k, size = flat.shape[0]
-    cdef Py_ssize_t found = 0
+    cdef int b
+    for b in range(MAX_BINS):
+        found[b] = 0
+    cdef uint8_t current = bins[0] if size else 0
+    cdef int64_t cut = cuts[current], run = 0
     with nogil:
         for k in range(size):
-            found += <int64_t> flat[k] > cuts[bins[k]]
-    return found
+            if bins[k] != current:  # runs of one bin: count in a register
+                found[current] += run
+                run = 0
+                current = bins[k]
+                cut = cuts[current]
+            run += <int64_t> flat[k] > cut
+        found[current] += run
+    return [found[b] for b in range(MAX_BINS)]
 
 
 cdef enum:

@@ -29,6 +29,7 @@ geometry of its own, and all of this is on its 15 ms path (issue 13).
 
 from __future__ import annotations
 
+import itertools
 import math
 import threading
 from collections import OrderedDict
@@ -61,15 +62,38 @@ def ring_bins(shape: tuple[int, int], centre: tuple[float, float], bins: int = R
     ``centre`` may be anything a double can be: a non-finite range (a zero-wide window
     puts the centre at infinity) puts every pixel in bin 0, as NaN -> INT_MIN did.
     """
+    height, width = shape
+    out = np.zeros(shape, np.uint8)
+    limits = ring_range(shape, centre, bins)
+    if limits is None:
+        return out
+    low_f, _top, scale_f = limits
+    with np.errstate(all="ignore"):
+        dx = np.arange(width, dtype=np.float64) - np.float64(centre[0])
+        dy = np.arange(height, dtype=np.float64) - np.float64(centre[1])
+        dx2, dy2 = dx * dx, dy * dy
+    # Within the corners d2 <= max, so the product is at most ``bins`` (by rounding);
+    # truncation of a value in [0, bins - 1] is what (int) does, below 0 means bin 0.
+
+    def band(start: int, stop: int) -> None:
+        kernels.ring_bins(dy2[start:stop], dx2, low_f, scale_f, bins - 1, out[start:stop])
+
+    _run_bands(band, shape)
+    return out
+
+
+def ring_range(
+    shape: tuple[int, int], centre: tuple[float, float], bins: int = RING_BINS
+) -> tuple[float, float, float] | None:
+    """``(min, max, scale)`` of the bins of a ``shape`` view with the beam at ``centre``:
+    bin ``b`` holds the squared distances ``[min + b / scale, min + (b + 1) / scale)``
+    (the last one up to ``max``); None when the range is not finite (every pixel is in
+    bin 0). In the original's doubles and order (``set_up_bins``)."""
     if not 1 <= bins <= 255:
         raise ValueError(f"ring bins must be in 1..255, got {bins}")
     height, width = shape
     bx, by = (np.float64(c) for c in centre)
-    out = np.zeros(shape, np.uint8)
     with np.errstate(all="ignore"):
-        dx = np.arange(width, dtype=np.float64) - bx
-        dy = np.arange(height, dtype=np.float64) - by
-        dx2, dy2 = dx * dx, dy * dy
         corners = [
             (x - bx) * (x - bx) + (y - by) * (y - by) for y in (0, height) for x in (0, width)
         ]
@@ -78,16 +102,22 @@ def ring_bins(shape: tuple[int, int], centre: tuple[float, float], bins: int = R
         low = np.float64(0.0) if inside else min(corners)
         scale = np.float64(bins) / (top - low)
     if not all(math.isfinite(v) for v in (top, low, scale)):
-        return out
-    # Within the corners d2 <= max, so the product is at most ``bins`` (by rounding);
-    # truncation of a value in [0, bins - 1] is what (int) does, below 0 means bin 0.
-    low_f, scale_f = float(low), float(scale)
+        return None
+    return float(low), float(top), float(scale)
 
-    def band(start: int, stop: int) -> None:
-        kernels.ring_bins(dy2[start:stop], dx2, low_f, scale_f, bins - 1, out[start:stop])
 
-    _run_bands(band, shape)
-    return out
+@dataclass(frozen=True)
+class Ring:
+    """One ring bin of a view: the pixels in its statistics, their mean and rms (as the
+    spot rule uses them), the spots in it, and its radii from the beam centre in view
+    pixels (None when the view has no finite rings)."""
+
+    n: int
+    mean: float
+    rms: float
+    spots: int
+    inner: float | None
+    outer: float | None
 
 
 class _BinsCache:
@@ -168,14 +198,46 @@ def image_stats(
     ``centre`` is the beam centre in output pixels (x, y); ``sentinel`` the stored value
     left out of the statistics (None: every pixel is in).
     """
+    return analyse(pixels, centre, sentinel=sentinel, sensitivity=sensitivity, bins=bins)[0]
+
+
+def analyse(
+    pixels: Pixels,
+    centre: tuple[float, float],
+    *,
+    sentinel: int | None,
+    sensitivity: float = 1.5,
+    bins: int = RING_BINS,
+) -> tuple[Stats, list[Ring]]:
+    """:func:`image_stats` and, from the same passes, each ring bin's own numbers (the
+    viewer's "is my data any good" panel)."""
     flat = np.ascontiguousarray(pixels).reshape(-1)
     ring = _LAYOUTS.get((pixels.shape[0], pixels.shape[1]), centre, bins)
     sums = BinSums.of(flat, ring, bins, sentinel)
-    floors = [
-        spot_floor(*_mean_rms(n, total, squares), sensitivity)
-        for n, total, squares in zip(sums.count, sums.total, sums.squares, strict=True)
+    levels = [
+        _mean_rms(*bin_sums) for bin_sums in zip(sums.count, sums.total, sums.squares, strict=True)
     ]
-    return _summary(sums) | {"spots": count_spots(flat, ring, floors)}
+    spots = spots_per_bin(flat, ring, [spot_floor(m, r, sensitivity) for m, r in levels])
+    radii = _ring_radii((pixels.shape[0], pixels.shape[1]), centre, bins)
+    rings = [
+        Ring(n, mean, rms, found, inner, outer)
+        for n, (mean, rms), found, (inner, outer) in zip(
+            sums.count, levels, spots, radii, strict=True
+        )
+    ]
+    return _summary(sums) | {"spots": sum(spots)}, rings
+
+
+def _ring_radii(
+    shape: tuple[int, int], centre: tuple[float, float], bins: int
+) -> list[tuple[float | None, float | None]]:
+    """Inner and outer radius of each bin in view pixels (see :func:`ring_range`)."""
+    limits = ring_range(shape, centre, bins)
+    if limits is None:
+        return [(None, None)] * bins
+    low, top, scale = limits
+    edges = [math.sqrt(max(low + b / scale, 0.0)) for b in range(bins)] + [math.sqrt(top)]
+    return list(itertools.pairwise(edges))
 
 
 def _mean_rms(n: int, total: int, squares: int) -> tuple[float, float]:
@@ -202,15 +264,16 @@ def spot_floor(mean: float, rms: float, sensitivity: float) -> int | None:
     return v
 
 
-def count_spots(flat: Pixels, bins: Bins, floors: list[int | None]) -> int:
-    """Pixels at or above their bin's spot floor (every stored pixel counts)."""
+def spots_per_bin(flat: Pixels, bins: Bins, floors: list[int | None]) -> list[int]:
+    """Per bin, the pixels at or above its spot floor (every stored pixel counts)."""
     top = int(np.iinfo(flat.dtype).max)
     # Spot iff v > floor - 1; a floor above the dtype can never be reached.
     cuts = [top if f is None or f > top else f - 1 for f in floors]
     table = np.zeros(256, np.int64)  # every uint8 bin indexes the table
     table[: len(cuts)] = cuts
     ring = bins.reshape(-1)
-    return sum(_run_flat(lambda a, b: kernels.count_above(flat[a:b], ring[a:b], table), flat.size))
+    parts = _run_flat(lambda a, b: kernels.count_above(flat[a:b], ring[a:b], table), flat.size)
+    return [sum(found) for found in zip(*parts, strict=True)][: len(floors)]
 
 
 def _run_bands(work: Callable[[int, int], None], shape: tuple[int, int]) -> None:

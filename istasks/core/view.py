@@ -30,7 +30,7 @@ from istasks.core.reduce import (
     usable_pixels,
     zero_masked,
 )
-from istasks.core.stats import image_stats
+from istasks.core.stats import Ring, analyse
 from istasks.errors import DataUnavailable
 
 Pixels = npt.NDArray[np.unsignedinteger[Any]]
@@ -58,6 +58,9 @@ class Reduced:
     saturation: int
     meta: dict[str, Any]
     sentinel: int | None = None
+    #: Each ring bin's numbers (:func:`ring_dicts`); not in ``meta``, so the replies
+    #: is.js gets stay the original's. None: an image cached before rings were kept.
+    rings: list[dict[str, Any]] | None = None
     #: Flat indices of the saturated pixels, found on first use (then every new
     #: contrast of a cached image skips that pass).
     _saturated: npt.NDArray[np.intp] | None = field(
@@ -80,6 +83,7 @@ class Reduced:
                 "saturation": self.saturation,
                 "sentinel": self.sentinel,
                 "meta": self.meta,
+                "rings": self.rings,
             },
             separators=(",", ":"),
             default=_json_default,
@@ -100,7 +104,8 @@ class Reduced:
                 f"cached image holds {len(data) - offset} pixel bytes, expected {expected}"
             )
         pixels = np.frombuffer(data, dtype=dtype, offset=offset).reshape(shape)
-        return cls(pixels.astype(dtype.newbyteorder("="), copy=False), *_header_rest(header))
+        native = pixels.astype(dtype.newbyteorder("="), copy=False)
+        return cls(native, *_header_rest(header), rings=_header_rings(header))
 
     @property
     def nbytes(self) -> int:
@@ -156,7 +161,7 @@ def reduce_frame(
     pixels = clamp_to_saturation(pixels, frame.saturation)
     reduction = reduce_window(pixels, window, frame.saturation)
     centre = window.to_output(*_beam_centre(frame.meta, pixels.shape))
-    stats = image_stats(
+    stats, rings = analyse(
         reduction.pixels, centre, sentinel=reduction.sentinel, sensitivity=spot_sensitivity
     )
     meta = dict(frame.meta)
@@ -165,7 +170,24 @@ def reduce_frame(
     meta["nSaturated"] = reduction.saturated
     if fold:
         fold_edges(pixels, window, reduction.pixels)
-    return Reduced(reduction.pixels, frame.saturation, meta, reduction.sentinel)
+    scale = window.width / window.out_width if window.out_width else 1.0
+    return Reduced(
+        reduction.pixels, frame.saturation, meta, reduction.sentinel, ring_dicts(rings, scale)
+    )
+
+
+def ring_dicts(rings: list[Ring], scale: float) -> list[dict[str, Any]]:
+    """The rings as JSON objects, radii in detector pixels (``scale``: detector pixels
+    per view pixel across): what the gateway's meta endpoint and viewer panel show."""
+
+    def detector(radius: float | None) -> float | None:
+        return None if radius is None else round(radius * scale, 2)
+
+    return [
+        {"ring": b, "n": r.n, "mean": r.mean, "rms": r.rms, "spots": r.spots,
+         "inner_px": detector(r.inner), "outer_px": detector(r.outer)}
+        for b, r in enumerate(rings)
+    ]  # fmt: skip
 
 
 def render_jpeg(
@@ -259,6 +281,15 @@ def _header_geometry(header: dict[str, Any]) -> tuple[np.dtype[Any], tuple[int, 
     ):
         raise DataUnavailable(f"cached image has shape {shape!r}")
     return dtype, (shape[0], shape[1])
+
+
+def _header_rings(header: dict[str, Any]) -> list[dict[str, Any]] | None:
+    rings = header.get("rings")
+    if rings is None:
+        return None
+    if not isinstance(rings, list) or not all(isinstance(r, dict) for r in rings):
+        raise DataUnavailable("cached image rings are not a list of objects")
+    return rings
 
 
 def _header_rest(header: dict[str, Any]) -> tuple[int, dict[str, Any], int | None]:

@@ -174,12 +174,11 @@ function showPanels(meta) {
       dl.append(dt, dd);
     }
   };
-  const ringKeys = Object.keys(meta).filter((k) => /ring|shell|resolution/i.test(k));
   fill("stats", [
     ["spots", meta.spots], ["mean", meta.mean], ["stddev", meta.stddev], ["rms", meta.rms],
     ["min", meta.min], ["max", meta.max], ["n", meta.n],
-    ...ringKeys.map((k) => [k, typeof meta[k] === "object" ? JSON.stringify(meta[k]) : meta[k]]),
   ]);
+  showRings(Array.isArray(meta.rings) ? meta.rings : [], fmt);
   const g = geometry();
   fill("detector", [
     ["type", meta.description || meta.type], ["wavelength Å", meta.wavelength],
@@ -188,6 +187,32 @@ function showPanels(meta) {
     ["pixel µm", g ? g.px * 1e6 : undefined], ["size px", g ? `${g.width} × ${g.height}` : undefined],
     ["energy eV", meta.photon_energy],
   ]);
+}
+
+// The worker's 16 ring bins (istasks.core.stats.analyse), innermost first: the
+// resolution shell each covers (from its radii in detector pixels), its pixels, mean,
+// rms and spots. A ring with no pixel in the view is left out.
+function showRings(rings, fmt) {
+  const body = $("rings-table").tBodies[0];
+  body.replaceChildren();
+  const g = geometry();
+  const shell = (px) => {
+    if (!g || px === null || px === undefined) return "–";
+    const d = px > 0 ? resolutionAt(g.bx + px, g.by, g) : Infinity;
+    return Number.isFinite(d) ? d.toFixed(2) : "∞";
+  };
+  for (const ring of rings) {
+    if (!ring.n) continue;
+    const tr = document.createElement("tr");
+    tr.dataset.ring = String(ring.ring);
+    const cells = [`${shell(ring.inner_px)}–${shell(ring.outer_px)}`, ring.n, ring.mean, ring.rms, ring.spots];
+    for (const value of cells) {
+      const td = document.createElement("td");
+      td.textContent = typeof value === "string" ? value : fmt(value);
+      tr.append(td);
+    }
+    body.append(tr);
+  }
 }
 
 // -- geometry: resolution at the cursor and rings ---------------------------------------
