@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from istasks.settings import Settings, get_settings
@@ -18,3 +20,10 @@ def test_env_prefix_and_types(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_bad_value_names_the_variable() -> None:
     with pytest.raises(ValueError, match="IS_CACHE_TTL_S"):
         Settings.from_env({"IS_CACHE_TTL_S": "soon"})
+
+
+def test_core_threads_default_to_the_cpus_we_may_use_at_most_four() -> None:
+    cpus = len(os.sched_getaffinity(0))
+    assert Settings().image_threads == max(1, min(4, cpus))
+    assert Settings(core_threads=1).image_threads == 1
+    assert Settings(core_threads=6).image_threads == 6
