@@ -107,3 +107,14 @@ def test_banded_grey_levels_are_the_one_band_levels(white: int, span: int, seed:
     with banded(3):
         grey_into(pixels, levels, cut)
     np.testing.assert_array_equal(cut, alone)
+
+
+def test_the_same_thread_count_keeps_the_pool_and_a_replaced_pool_still_answers() -> None:
+    with banded(2):
+        assert bands.run(lambda a, b: b - a, bands.bands(10, 1)) == [5, 5]
+        pool = bands._BANDS.pool
+        bands.set_threads(2)  # another service of the process asks for the same
+        assert bands._BANDS.pool is pool
+        assert pool is not None
+        pool.shutdown()  # as if set_threads replaced it under a running request
+        assert bands.run(lambda a, b: b - a, bands.bands(10, 1)) == [5, 5]

@@ -35,6 +35,8 @@ class _Bands:
 
     def set_threads(self, threads: int) -> None:
         with self.lock:
+            if max(1, threads) == self.threads:
+                return  # every service of a process asks for the same: keep the pool
             self.threads = max(1, threads)
             old, self.pool = self.pool, None
         if old is not None:
@@ -73,6 +75,9 @@ def run(work: Callable[[int, int], T], ranges: list[tuple[int, int]]) -> list[T]
     on the pool at the same time; exceptions propagate."""
     if len(ranges) == 1:
         return [work(*ranges[0])]
-    others = [_BANDS.get_pool().submit(work, *band) for band in ranges[1:]]
+    try:
+        others = [_BANDS.get_pool().submit(work, *band) for band in ranges[1:]]
+    except RuntimeError:  # the pool was replaced meanwhile (set_threads): do it here
+        return [work(*band) for band in ranges]
     first = work(*ranges[0])
     return [first, *(future.result() for future in others)]
