@@ -22,13 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import jsonschema
 import pytest
 import redis
 from PIL import Image
 
 from bridge.dispatch import CeleryDispatcher
 from bridge.gateway.app import API, COOKIE, Gateway
-from bridge.gateway.openapi import openapi_document
+from bridge.gateway.openapi import META_SCHEMA, openapi_document
 from bridge.sessions import SessionVerifier, load_public_key, session_redis
 from istasks import keys
 from istasks.app import create_app
@@ -186,6 +187,7 @@ def test_meta_with_spots_and_statistics(http: httpx.Client, data_dir: Path) -> N
     meta = response.json()
     assert meta["spots"] > 0 and meta["last_frame"] == 4
     assert {"mean", "stddev", "wavelength", "beam_center_x"} <= set(meta)
+    jsonschema.validate(meta, META_SCHEMA)  # as the OpenAPI document says
     rings = meta["rings"]  # the ring statistics: the whole view's numbers, ring by ring
     assert [r["ring"] for r in rings] == list(range(16))
     assert (

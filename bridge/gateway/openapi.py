@@ -14,6 +14,37 @@ from istasks.core.params import MAX_LABEL_HEIGHT, MIN_XSIZE
 _PROBLEM = {"$ref": "#/components/schemas/Problem"}
 
 
+#: The ``meta`` endpoint's body: the detector's own fields (they vary by format) plus
+#: the view's statistics and its 16 ring bins (radii in detector pixels from the beam).
+_RING_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "ring": {"type": "integer", "minimum": 0},
+        "n": {"type": "integer", "minimum": 0},
+        "mean": {"type": "number"},
+        "rms": {"type": "number"},
+        "spots": {"type": "integer", "minimum": 0},
+        "inner_px": {"type": ["number", "null"]},
+        "outer_px": {"type": ["number", "null"]},
+    },
+    "required": ["ring", "n", "mean", "rms", "spots", "inner_px", "outer_px"],
+}
+META_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "n": {"type": "integer"},
+        "mean": {"type": "number"},
+        "rms": {"type": "number"},
+        "stddev": {"type": "number"},
+        "min": {"type": "integer"},
+        "max": {"type": "integer"},
+        "spots": {"type": "integer"},
+        "rings": {"type": "array", "items": _RING_SCHEMA},
+    },
+    "required": ["n", "mean", "spots"],
+}
+
+
 def _problems(*statuses: int) -> dict[str, Any]:
     texts = {
         401: "no session, or a session not accepted",
@@ -203,7 +234,10 @@ def openapi_document(max_xsize: int) -> dict[str, Any]:
                     "security": auth,
                     "parameters": _frame_params(),
                     "responses": {
-                        "200": {"description": "meta", "content": {"application/json": {}}},
+                        "200": {
+                            "description": "the frame's meta, its statistics and its rings",
+                            "content": {"application/json": {"schema": META_SCHEMA}},
+                        },
                         **view_errors,
                     },
                 }
