@@ -86,7 +86,7 @@ INDEX_GRACE_S = 10.0
 WATCH_INTERVAL_S = 0.25
 #: Request kinds sent once more when their worker dies before replying: idempotent (a
 #: view computed twice is the same view). Never ``index``, whose indexer would run twice.
-RETRIED_KINDS = frozenset({"jpeg", "spots"})
+RETRIED_KINDS = frozenset({"jpeg", "spots", "pixel"})
 #: Sends after the first one, at most, for a worker death.
 MAX_RETRIES = 1
 #: Least time left before the deadline for a retry: a worker start and a cold view.

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-REQUEST_TYPES = ("jpeg", "spots", "index", "other")
+REQUEST_TYPES = ("jpeg", "spots", "index", "pixel", "other")
 #: Cache outcomes counted (a request that made no lookup is not a cache event).
 CACHE_COUNTED = ("jpeg", "lru", "redis", "computed")
 #: A cached jpeg answers in ~5 ms; a view may take up to view_timeout_s (20 s) and an

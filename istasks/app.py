@@ -19,7 +19,9 @@ from istasks.settings import Settings, get_settings
 from queues.naming import Identity
 
 #: Task names of the wire request types (contract item 1).
-TASK_NAMES = {"jpeg": "is.jpeg", "spots": "is.spots", "index": "is.index"}
+#: ``pixel`` is the gateway's own (the value under the viewer's cursor); the ZeroMQ bridge
+#: never sends it (bridge.server.KINDS), so is.js meets the original's types only.
+TASK_NAMES = {"jpeg": "is.jpeg", "spots": "is.spots", "index": "is.index", "pixel": "is.pixel"}
 
 #: Results are read once, straight from the backend's pub/sub message, and deleted by
 #: the bridge right after; the stored copy only bridges a dropped pub/sub connection.

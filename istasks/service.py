@@ -91,6 +91,18 @@ class SpotsDataError(DataUnavailable):
     origin = "isSpots.c isSpots"
 
 
+class PixelRequestError(RequestError):
+    """``pixel`` (the gateway's) without ``fn``. Reply: one error frame."""
+
+    origin = "is pixel"
+
+
+class PixelDataError(DataUnavailable):
+    """``pixel`` whose frame cannot be read; the message says why (file, frame, access)."""
+
+    origin = "is pixel"
+
+
 class IndexRequestError(RequestError):
     """``index`` without ``fn1``. Reply: one error frame."""
 
@@ -159,6 +171,29 @@ class Service:
             # replies stay the original's.
             meta["rings"] = reduced.rings
         return [_json(edited), _json(meta)]
+
+    def pixel(self, job: Job) -> Frames:
+        """Job (unchanged) and one pixel of a frame at full depth: ``x, y, frame, value,
+        saturated`` (``value`` None outside the image).
+
+        The gateway's, for the value under the viewer's cursor. It is read from the frame
+        LRU, so hovering over the frame on screen decodes nothing. It is the prepared frame,
+        so a masked pixel reads 0, as the picture shows it.
+        """
+        fn = str_field(job, "fn")
+        if not fn:
+            raise PixelRequestError(f"Missing filename for job {dumps(job)}")
+        x, y, number = int_field(job, "x"), int_field(job, "y"), int_field(job, "frame") or 1
+        try:
+            frame = self.decoded(stat_version(resolve_path(fn)), number)
+        except (DataUnavailable, OSError) as exc:
+            log.info("pixel %s frame %d: %s", fn, number, exc)
+            raise PixelDataError(public_reason(exc, fn)) from exc
+        height, width = frame.pixels.shape
+        value = int(frame.pixels[y, x]) if 0 <= x < width and 0 <= y < height else None
+        found = {"x": x, "y": y, "frame": number, "value": value,
+                 "saturated": value is not None and value == frame.saturation}  # fmt: skip
+        return [_json(job), _json(found)]
 
     def index(self, job: Job) -> Frames:
         """Job (unchanged) and the indexer's result JSON or ``""`` (spec 2.4, 6.2)."""

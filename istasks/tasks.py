@@ -39,6 +39,7 @@ def register(app: Celery, context: WorkerContext) -> None:
         "jpeg": context.service.jpeg,
         "spots": context.service.spots,
         "index": context.service.index,
+        "pixel": context.service.pixel,
     }
     for kind, name in TASK_NAMES.items():
         app.task(name=name, typing=False, bind=True)(_task_function(kind, handlers[kind], context))

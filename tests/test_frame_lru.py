@@ -3,6 +3,7 @@ are reduced from one decode, with the same result as from a fresh read, within b
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +18,13 @@ from istasks.core.params import ViewParams
 from istasks.core.readers import open_reader
 from istasks.core.readers.base import Frame, FrameReader
 from istasks.core.view import prepare_frame, reduce_frame
-from istasks.service import READER_CACHE_SIZE, Service, build_service
+from istasks.service import (
+    READER_CACHE_SIZE,
+    PixelDataError,
+    PixelRequestError,
+    Service,
+    build_service,
+)
 from istasks.settings import Settings
 from ops.testdata.eiger import write_eiger
 from queues.naming import Identity
@@ -173,3 +180,21 @@ def test_zoomed_views_stay_in_the_worker_unless_shared(
         assert outcome.outcome == "lru" and reads == [2]
     finally:
         svc.close()
+
+
+def test_a_pixel_is_read_from_the_frame_on_screen(
+    service: Service, master: Path, reads: list[int]
+) -> None:
+    service.jpeg({"fn": str(master), "frame": 2, "xsize": 64})
+    frames = service.pixel({"fn": str(master), "frame": 2, "x": 5, "y": 7})
+    reader = open_reader(str(master))
+    try:
+        expected = int(prepare_frame(reader.read_frame(2)).pixels[7, 5])
+    finally:
+        reader.close()
+    assert json.loads(frames[1])["value"] == expected and reads == [2]  # no second decode
+    assert json.loads(service.pixel({"fn": str(master), "x": 640, "y": 0})[1])["value"] is None
+    with pytest.raises(PixelRequestError):
+        service.pixel({"x": 1, "y": 1})
+    with pytest.raises(PixelDataError, match="frame"):
+        service.pixel({"fn": str(master), "frame": 9, "x": 1, "y": 1})

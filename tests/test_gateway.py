@@ -23,16 +23,19 @@ from typing import Any
 
 import httpx
 import jsonschema
+import numpy as np
 import pytest
 import redis
 from PIL import Image
 
 from bridge.dispatch import CeleryDispatcher
 from bridge.gateway.app import API, COOKIE, Gateway
-from bridge.gateway.openapi import META_SCHEMA, openapi_document
+from bridge.gateway.openapi import META_SCHEMA, PIXEL_SCHEMA, openapi_document
 from bridge.sessions import SessionVerifier, load_public_key, session_redis
 from istasks import keys
 from istasks.app import create_app
+from istasks.core.readers import open_reader
+from istasks.core.view import prepare_frame
 from istasks.settings import Settings
 from ops.client import request
 from ops.devsession import isauth_for, sign_isauth, write_session
@@ -194,6 +197,31 @@ def test_meta_with_spots_and_statistics(http: httpx.Client, data_dir: Path) -> N
         sum(r["n"] for r in rings) == meta["n"] and sum(r["spots"] for r in rings) == meta["spots"]
     )
     assert all(r["inner_px"] < r["outer_px"] for r in rings)
+
+
+def test_pixel_at_full_depth_is_the_frames_own(http: httpx.Client, data_dir: Path) -> None:
+    fn = str(data_dir / "x_master.h5")
+    reader = open_reader(fn)
+    try:
+        prepared = prepare_frame(reader.read_frame(3))
+    finally:
+        reader.close()
+    frame, code = prepared.pixels, prepared.saturation
+    y, x = np.unravel_index(int(np.argmax(frame)), frame.shape)  # the brightest: saturated
+    for px, py in ((int(x), int(y)), (0, 0), (1027, 1061)):
+        response = http.get(f"{API}/esaf/0/pixel", params={"fn": fn, "frame": 3, "x": px, "y": py})
+        assert response.status_code == 200, response.text
+        body = response.json()
+        jsonschema.validate(body, PIXEL_SCHEMA)
+        value = int(frame[py, px])
+        assert body == {"x": px, "y": py, "frame": 3, "value": value, "saturated": value == code}
+    outside = http.get(f"{API}/esaf/0/pixel", params={"fn": fn, "x": 1028, "y": 0}).json()
+    assert outside["value"] is None
+    _assert_problem(http.get(f"{API}/esaf/0/pixel", params={"fn": fn, "x": 3}), 422, "y")
+    _assert_problem(http.get(f"{API}/esaf/0/pixel", params={"fn": fn, "x": -1, "y": 0}), 422)
+    gone = {"fn": str(data_dir / "nope_master.h5"), "x": 1, "y": 1}
+    _assert_problem(http.get(f"{API}/esaf/0/pixel", params=gone), 404, "No such file")
+    _assert_problem(http.get(f"{API}/esaf/51234/pixel", params={"fn": fn, "x": 1, "y": 1}), 403)
 
 
 # -- sessions ---------------------------------------------------------------------------

@@ -20,6 +20,8 @@ from typing import Any
 import httpx
 import pytest
 
+from istasks.core.readers import open_reader
+from istasks.core.view import prepare_frame
 from ops.stack import Stack, dev_user
 from ops.testdata.eiger import write_eiger
 
@@ -155,6 +157,17 @@ def test_viewer_in_chromium(stack: Stack, data_dir: Path, browser: Any, tmp_path
         shown, (cx, cy), _ = _hover(page, box, x, y)
         assert shown.endswith(" Å"), shown
         assert abs(float(shown.split()[0]) - _resolution(meta, cx, cy)) <= 0.01, (x, y, shown)
+    # The full-depth value under the cursor once it rests: the frame's own pixel there
+    # (as the worker prepares it: masked pixels 0), with the pixel it names.
+    page.wait_for_selector("#value[data-at]", timeout=30_000)
+    at = page.get_attribute("#value", "data-at") or ""
+    px, py = (int(v) for v in at.split(","))
+    reader = open_reader(fn)
+    try:
+        pixel = int(prepare_frame(reader.read_frame(1)).pixels[py, px])
+    finally:
+        reader.close()
+    assert (page.text_content("#value") or "").split()[0] == str(pixel), (at, pixel)
 
     # Frame 2 by the arrow key: a new picture.
     before = _checksum(page, '#tiles img[data-frame="1"]')

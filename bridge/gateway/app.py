@@ -47,6 +47,7 @@ from bridge.gateway.params import (
     frame_fields,
     parse_index_body,
     parse_query,
+    pixel_fields,
     view_fields,
 )
 from bridge.gateway.problems import Problem, blank_status, error_status, problem_response
@@ -119,6 +120,7 @@ class Gateway:
         self._metrics.track_in_flight(lambda: self._total_in_flight)
         self._view_fields = view_fields(settings.max_xsize)
         self._frame_fields = frame_fields()
+        self._pixel_fields = pixel_fields()
 
     @property
     def metrics(self) -> BridgeMetrics:
@@ -140,6 +142,7 @@ class Gateway:
             Route(esaf + "/view", self.view, methods=["GET"]),
             Route(esaf + "/view.json", self.view_json, methods=["GET"]),
             Route(esaf + "/meta", self.meta, methods=["GET"]),
+            Route(esaf + "/pixel", self.pixel, methods=["GET"]),
             Route(esaf + "/index", self.index_start, methods=["POST"]),
             Route(API + "/index/{run_id}/events", self.index_events, methods=["GET"]),
         ]
@@ -257,6 +260,27 @@ class Gateway:
             raise Problem(error_status(frames), _detail(frames, pid))
         if len(frames) < 3:
             raise Problem(502, "malformed spots reply from the worker")
+        return JSONResponse(json.loads(frames[2]), headers={"Cache-Control": "private, no-cache"})
+
+    async def pixel(self, request: Request) -> Response:
+        """One detector pixel at full depth (the viewer's value under the cursor), read by
+        the same worker from its frame LRU; ``value`` is null outside the image."""
+        esaf = _esaf(request)
+        pid, identity = await self._admit(request, esaf)
+        fields = parse_query(_single(request), self._pixel_fields)
+        for name in ("x", "y"):
+            if name not in fields:
+                raise Problem(422, f"parameter {name} (a detector pixel) is required")
+        job = {"type": "pixel", "pid": pid, "esaf": esaf, **fields}
+        frames = await self._call(pid, identity, "pixel", job)
+        if frames[0]:
+            status = error_status(frames)
+            reason = frames[0].decode("utf-8", "replace")
+            if status == 502 and reason.startswith("is pixel: "):  # the frame's own reason
+                status = blank_status(reason)
+            raise Problem(status, _detail(frames, pid))
+        if len(frames) < 3:
+            raise Problem(502, "malformed pixel reply from the worker")
         return JSONResponse(json.loads(frames[2]), headers={"Cache-Control": "private, no-cache"})
 
     async def _jpeg(self, request: Request) -> tuple[bytes, dict[str, Any], Any, list[bytes]]:

@@ -29,6 +29,17 @@ _RING_SCHEMA: dict[str, Any] = {
     },
     "required": ["ring", "n", "mean", "rms", "spots", "inner_px", "outer_px"],
 }
+PIXEL_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "x": {"type": "integer"},
+        "y": {"type": "integer"},
+        "frame": {"type": "integer"},
+        "value": {"type": ["integer", "null"]},
+        "saturated": {"type": "boolean"},
+    },
+    "required": ["x", "y", "frame", "value", "saturated"],
+}
 META_SCHEMA: dict[str, Any] = {
     "type": "object",
     "properties": {
@@ -237,6 +248,25 @@ def openapi_document(max_xsize: int) -> dict[str, Any]:
                         "200": {
                             "description": "the frame's meta, its statistics and its rings",
                             "content": {"application/json": {"schema": META_SCHEMA}},
+                        },
+                        **view_errors,
+                    },
+                }
+            },
+            "/api/v1/esaf/{esaf}/pixel": {
+                "get": {
+                    "summary": "one detector pixel of a frame at full depth (the viewer's "
+                    "value under the cursor)",
+                    "security": auth,
+                    "parameters": [
+                        *_frame_params(),
+                        _query("x", {"type": "integer", "minimum": 0}, "column", required=True),
+                        _query("y", {"type": "integer", "minimum": 0}, "row", required=True),
+                    ],
+                    "responses": {
+                        "200": {
+                            "description": "the pixel; value null outside the image",
+                            "content": {"application/json": {"schema": PIXEL_SCHEMA}},
                         },
                         **view_errors,
                     },

@@ -96,6 +96,18 @@ def frame_fields() -> dict[str, Parser]:
     return {"fn": _text(MAX_FN_CHARS), "frame": _int(1, MAX_FRAME)}
 
 
+#: Largest detector coordinate a pixel request may name (no detector comes near it).
+MAX_PIXEL_COORDINATE = 1 << 20
+
+
+def pixel_fields() -> dict[str, Parser]:
+    """Parsers of a pixel request: the file, the frame and the detector pixel (x, y)."""
+    return frame_fields() | {
+        "x": _int(0, MAX_PIXEL_COORDINATE),
+        "y": _int(0, MAX_PIXEL_COORDINATE),
+    }
+
+
 INDEX_FIELDS: dict[str, Parser] = {
     "fn1": _text(MAX_FN_CHARS),
     "fn2": _text(MAX_FN_CHARS),

@@ -314,6 +314,26 @@ function onPointerMove(event) {
   $("pos").textContent = `${dx.toFixed(1)}, ${dy.toFixed(1)} px`;
   const d = resolutionAt(dx, dy, g);
   $("res").textContent = Number.isFinite(d) ? `${d.toFixed(3)} Å` : "∞";
+  showValueSoon(Math.max(0, Math.floor(dx + 0.5)), Math.max(0, Math.floor(dy + 0.5)));
+}
+
+// The full-depth value of the detector pixel under the cursor, asked of the worker
+// (from its frame LRU) once the pointer rests a moment; only the latest answer shows.
+const value = { timer: 0, asked: 0 };
+function showValueSoon(px, py) {
+  clearTimeout(value.timer);
+  value.timer = setTimeout(async () => {
+    const asked = ++value.asked;
+    const q = new URLSearchParams({ fn: state.fn, frame: String(state.frame), x: String(px), y: String(py) });
+    try {
+      const pixel = await (await api(`${API}/esaf/${state.esaf}/pixel?${q}`)).json();
+      if (asked !== value.asked) return;
+      $("value").textContent = pixel.value === null ? "outside" : `${pixel.value}${pixel.saturated ? " (saturated)" : ""}`;
+      $("value").dataset.at = `${pixel.x},${pixel.y}`;
+    } catch (e) {
+      if (asked === value.asked) $("value").textContent = "–";
+    }
+  }, 120);
 }
 
 function levelsChanged() {
