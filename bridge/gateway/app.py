@@ -44,6 +44,9 @@ from bridge.dispatch import Dispatcher
 from bridge.gateway.indexruns import IndexRuns
 from bridge.gateway.openapi import openapi_document
 from bridge.gateway.params import (
+    PIXEL_REQUIRED,
+    REQUIRED,
+    Parser,
     frame_fields,
     parse_index_body,
     parse_query,
@@ -251,36 +254,32 @@ class Gateway:
     async def meta(self, request: Request) -> Response:
         """A frame's detector metadata with its spot count and ring statistics (the
         ``spots`` request of the wire protocol)."""
-        esaf = _esaf(request)
-        pid, identity = await self._admit(request, esaf)
-        fields = parse_query(_single(request), self._frame_fields)
-        job = {"type": "spots", "pid": pid, "esaf": esaf, "rings": True, **fields}
-        frames = await self._call(pid, identity, "spots", job)
-        if frames[0]:
-            raise Problem(error_status(frames), _detail(frames, pid))
-        if len(frames) < 3:
-            raise Problem(502, "malformed spots reply from the worker")
-        return JSONResponse(json.loads(frames[2]), headers={"Cache-Control": "private, no-cache"})
+        return await self._worker_json(request, "spots", self._frame_fields, rings=True)
 
     async def pixel(self, request: Request) -> Response:
         """One detector pixel at full depth (the viewer's value under the cursor), read by
         the same worker from its frame LRU; ``value`` is null outside the image."""
+        return await self._worker_json(request, "pixel", self._pixel_fields, PIXEL_REQUIRED)
+
+    async def _worker_json(
+        self,
+        request: Request,
+        kind: str,
+        fields: Mapping[str, Parser],
+        required: Mapping[str, str] = REQUIRED,
+        **extra: Any,
+    ) -> Response:
+        """The JSON a worker answers (reply frame 2) to the ``kind`` request the query
+        names, plus ``extra`` job fields; Problem otherwise."""
         esaf = _esaf(request)
         pid, identity = await self._admit(request, esaf)
-        fields = parse_query(_single(request), self._pixel_fields)
-        for name in ("x", "y"):
-            if name not in fields:
-                raise Problem(422, f"parameter {name} (a detector pixel) is required")
-        job = {"type": "pixel", "pid": pid, "esaf": esaf, **fields}
-        frames = await self._call(pid, identity, "pixel", job)
+        values = parse_query(_single(request), fields, required)
+        job = {"type": kind, "pid": pid, "esaf": esaf, **extra, **values}
+        frames = await self._call(pid, identity, kind, job)
         if frames[0]:
-            status = error_status(frames)
-            reason = frames[0].decode("utf-8", "replace")
-            if status == 502 and reason.startswith("is pixel: "):  # the frame's own reason
-                status = blank_status(reason)
-            raise Problem(status, _detail(frames, pid))
+            raise Problem(error_status(frames), _detail(frames, pid))
         if len(frames) < 3:
-            raise Problem(502, "malformed pixel reply from the worker")
+            raise Problem(502, f"malformed {kind} reply from the worker")
         return JSONResponse(json.loads(frames[2]), headers={"Cache-Control": "private, no-cache"})
 
     async def _jpeg(self, request: Request) -> tuple[bytes, dict[str, Any], Any, list[bytes]]:

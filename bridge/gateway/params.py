@@ -108,6 +108,12 @@ def pixel_fields() -> dict[str, Parser]:
     }
 
 
+#: What every query must name, and what each is (for the 422's text).
+REQUIRED = {"fn": "the image file"}
+#: A pixel request names the pixel too.
+PIXEL_REQUIRED = REQUIRED | {"x": "a detector pixel", "y": "a detector pixel"}
+
+
 INDEX_FIELDS: dict[str, Parser] = {
     "fn1": _text(MAX_FN_CHARS),
     "fn2": _text(MAX_FN_CHARS),
@@ -117,17 +123,22 @@ INDEX_FIELDS: dict[str, Parser] = {
 }
 
 
-def parse_query(query: Mapping[str, str], fields: Mapping[str, Parser]) -> dict[str, Any]:
+def parse_query(
+    query: Mapping[str, str],
+    fields: Mapping[str, Parser],
+    required: Mapping[str, str] = REQUIRED,
+) -> dict[str, Any]:
     """The job fields of ``query``; 422 for unknown, repeated or bad parameters and for a
-    missing ``fn``."""
+    missing ``required`` one (``fn``, unless told otherwise)."""
     values: dict[str, Any] = {}
     for name, raw in query.items():
         parser = fields.get(name)
         if parser is None:
             raise Problem(422, f"unknown parameter {name[:40]!r}")
         values[name] = parser(name, raw)
-    if not values.get("fn"):
-        raise Problem(422, "parameter fn (the image file) is required")
+    for name, what in required.items():
+        if values.get(name) in (None, ""):
+            raise Problem(422, f"parameter {name} ({what}) is required")
     return values
 
 

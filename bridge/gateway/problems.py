@@ -79,6 +79,8 @@ def error_status(frames: list[bytes]) -> int:
         return 404
     if "Missing filename" in text or "Missing fn1" in text:
         return 422
+    if text.startswith("is pixel: "):  # a pixel's frame unreadable: the reason says why
+        return blank_status(text)
     return 502
 
 

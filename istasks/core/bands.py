@@ -58,16 +58,21 @@ def set_threads(threads: int) -> None:
     _BANDS.set_threads(threads)
 
 
-def threads() -> int:
-    """How many bands an image may be cut into."""
-    return _BANDS.threads
-
-
 def bands(rows: int, width: int) -> list[tuple[int, int]]:
     """``[start, stop)`` row ranges covering ``rows`` rows of ``width`` pixels: one per
     thread, or one in all for a small image."""
     parts = min(_BANDS.threads, max(1, rows * width // MIN_BAND_PIXELS), max(rows, 1))
     return list(itertools.pairwise(rows * k // parts for k in range(parts + 1)))
+
+
+def over_rows(work: Callable[[int, int], T], shape: tuple[int, int]) -> list[T]:
+    """``work(start, stop)`` over the row bands of a ``shape`` (rows, columns) image."""
+    return run(work, bands(*shape))
+
+
+def over_flat(work: Callable[[int, int], T], size: int) -> list[T]:
+    """``work(first, end)`` over contiguous parts of a flat image of ``size`` pixels."""
+    return run(work, bands(size, 1))
 
 
 def run(work: Callable[[int, int], T], ranges: list[tuple[int, int]]) -> list[T]:

@@ -137,4 +137,4 @@ def grey_into(pixels: Pixels, levels: Levels, out: View8) -> None:
     def band(start: int, stop: int) -> None:
         kernels.grey(source[start:stop], levels.white, levels.black, out[start:stop])
 
-    bands.run(band, bands.bands(*source.shape))
+    bands.over_rows(band, source.shape)

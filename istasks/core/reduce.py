@@ -331,7 +331,7 @@ def reduce_boxes(pixels: Pixels, rows: Boxes, cols: Boxes, shape: tuple[int, int
         first, end, part = rows.starts[start:stop], rows.ends[start:stop], target[start:stop]
         kernels.reduce_boxes(source, first, end, cols.starts, cols.ends, part)
 
-    bands.run(band, bands.bands(*target.shape))
+    bands.over_rows(band, target.shape)
     return out
 
 
@@ -362,7 +362,7 @@ def reduce_nearest(pixels: Pixels, window: Window) -> Pixels:
     def band(start: int, stop: int) -> None:
         kernels.gather(source, rows[start:stop], cols, out[start:stop])
 
-    bands.run(band, bands.bands(*out.shape))
+    bands.over_rows(band, out.shape)
     if wraps.size:
         # Column W of row r is the first pixel of row r + 1 in the flat buffer.
         below = np.flatnonzero(k_in & (rr + 1 < height))

@@ -33,9 +33,8 @@ import itertools
 import math
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -53,7 +52,6 @@ _LAYOUTS_KEPT = 8
 _MAX_KEPT_PIXELS = 1 << 22
 
 Stats = dict[str, int | float]
-T = TypeVar("T")
 
 
 def ring_bins(shape: tuple[int, int], centre: tuple[float, float], bins: int = RING_BINS) -> Bins:
@@ -78,7 +76,7 @@ def ring_bins(shape: tuple[int, int], centre: tuple[float, float], bins: int = R
     def band(start: int, stop: int) -> None:
         kernels.ring_bins(dy2[start:stop], dx2, low_f, scale_f, bins - 1, out[start:stop])
 
-    _run_bands(band, shape)
+    bands.over_rows(band, shape)
     return out
 
 
@@ -174,7 +172,7 @@ class BinSums:
         """Sums of ``flat`` per bin (``bins``, ``count`` of them), leaving out pixels
         equal to ``sentinel``: one compiled pass, exact in 64/128-bit integers."""
         left_out = -1 if sentinel is None or sentinel < 0 else sentinel
-        parts = _run_flat(
+        parts = bands.over_flat(
             lambda a, b: kernels.ring_sums(flat[a:b], bins[a:b], count, left_out), flat.size
         )
         n, total, squares = (
@@ -272,18 +270,10 @@ def spots_per_bin(flat: Pixels, bins: Bins, floors: list[int | None]) -> list[in
     table = np.zeros(256, np.int64)  # every uint8 bin indexes the table
     table[: len(cuts)] = cuts
     ring = bins.reshape(-1)
-    parts = _run_flat(lambda a, b: kernels.count_above(flat[a:b], ring[a:b], table), flat.size)
+    parts = bands.over_flat(
+        lambda a, b: kernels.count_above(flat[a:b], ring[a:b], table), flat.size
+    )
     return [sum(found) for found in zip(*parts, strict=True)][: len(floors)]
-
-
-def _run_bands(work: Callable[[int, int], None], shape: tuple[int, int]) -> None:
-    """``work`` over row bands of a ``shape`` image (:mod:`istasks.core.bands`)."""
-    bands.run(work, bands.bands(*shape))
-
-
-def _run_flat(work: Callable[[int, int], T], size: int) -> list[T]:
-    """``work(first, end)`` over contiguous parts of a flat image of ``size`` pixels."""
-    return bands.run(work, bands.bands(size, 1))
 
 
 def _c_int(value: int) -> int:
