@@ -7,9 +7,14 @@ front and the gateway), on an Eiger2 X 16M dataset (4362 x 4148 uint32, bslz4), 
   2, 4 and 8 (each a view never asked before: a reduction, but no decode, thanks to the
   worker's frame LRU, ``IS_FRAME_LRU_MAX_BYTES``), then the same for frame 2; beside
   them the request path's floor (a warm 64 px view) of the same run;
-* warm view (the same view again) one client at a time, over ZeroMQ (REQ -> is-proxy ->
-  bridge) and over HTTP (httpx keep-alive -> uvicorn gateway): the difference of p50s;
-* 16 HTTP clients (threads, one keep-alive connection each) asking warm views ~10 s;
+* warm view (the same view again) one client at a time, over ZeroMQ (one REQ socket kept,
+  as is.js keeps it -> is-proxy -> bridge) and over HTTP (one keep-alive connection ->
+  uvicorn gateway): the difference of p50s. Both clients are lean (pyzmq; the standard
+  library's http.client), so the difference is the gateway's, not a client library's:
+  httpx alone costs ~0.7-1 ms a request here (measured against http.client on the same
+  gateway), as much as the whole budget; its figure is shown beside, without a target;
+* 16 HTTP clients (threads, one keep-alive http.client connection each) asking warm views
+  ~10 s (a lean client also leaves the 2 CPUs to the service);
 * the worker's RSS after 50 distinct cold frames (the frame LRU must keep it bounded).
 
 Run: ``.venv/bin/python -m bench gateway``.
@@ -17,16 +22,21 @@ Run: ``.venv/bin/python -m bench gateway``.
 
 from __future__ import annotations
 
+import http.client
+import json
 import shutil
 import threading
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
 import httpx
+import zmq
 
 from bench.bench_e2e import (
     Target,
+    check_image_reply,
     data_directory,
     latency_rows,
     percentiles,
@@ -90,45 +100,93 @@ def tile_rows(target: Target) -> list[dict[str, Any]]:
     ]  # fmt: skip
 
 
-def http_view_ms(client: httpx.Client, target: Target, **extra: Any) -> float:
+class HttpViews:
+    """Warm views of frame 1 over one keep-alive HTTP/1.1 connection (http.client)."""
+
+    def __init__(self, target: Target) -> None:
+        url = urllib.parse.urlsplit(target.stack.gateway_url)
+        self._conn = http.client.HTTPConnection(url.hostname or "", url.port, timeout=TIMEOUT_S)
+        query = urllib.parse.urlencode({"fn": str(target.master), "frame": 1, "xsize": XSIZE})
+        self._path = f"/api/v1/esaf/0/view?{query}"
+        self._headers = {"Authorization": f"Bearer {target.pid}"}
+
+    def view_ms(self) -> float:
+        """One view's round trip in ms; RuntimeError unless it is a JPEG."""
+        started = time.perf_counter()
+        self._conn.request("GET", self._path, headers=self._headers)
+        response = self._conn.getresponse()
+        body = response.read()
+        elapsed_ms = (time.perf_counter() - started) * 1000
+        if response.status != 200 or response.getheader("content-type") != "image/jpeg":
+            raise RuntimeError(f"gateway: {response.status} {body[:200]!r}")
+        return elapsed_ms
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+class ZmqViews:
+    """Views over one REQ socket kept open, as is.js keeps its socket."""
+
+    def __init__(self, endpoint: str) -> None:
+        self._socket: zmq.Socket[Any] = zmq.Context.instance().socket(zmq.REQ)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.setsockopt(zmq.RCVTIMEO, int(TIMEOUT_S * 1000))
+        self._socket.connect(endpoint)
+
+    def view_ms(self, job: dict[str, Any]) -> float:
+        """One view's round trip in ms; RuntimeError unless it is a real image reply."""
+        payload = json.dumps(job).encode()
+        started = time.perf_counter()
+        self._socket.send(payload)
+        frames = self._socket.recv_multipart()
+        elapsed_ms = (time.perf_counter() - started) * 1000
+        check_image_reply(frames)
+        return elapsed_ms
+
+    def close(self) -> None:
+        self._socket.close()
+
+
+def httpx_view_ms(client: httpx.Client, target: Target) -> float:
+    """The same view through httpx (a client library's cost, for comparison)."""
     started = time.perf_counter()
     response = client.get(
-        "/api/v1/esaf/0/view",
-        params={"fn": str(target.master), "frame": 1, "xsize": XSIZE, **extra},
+        "/api/v1/esaf/0/view", params={"fn": str(target.master), "frame": 1, "xsize": XSIZE}
     )
     elapsed_ms = (time.perf_counter() - started) * 1000
-    if response.status_code != 200 or response.headers["content-type"] != "image/jpeg":
+    if response.status_code != 200:
         raise RuntimeError(f"gateway: {response.status_code} {response.text[:200]}")
     return elapsed_ms
 
 
-def _client(target: Target) -> httpx.Client:
-    return httpx.Client(
-        base_url=target.stack.gateway_url,
-        headers={"Authorization": f"Bearer {target.pid}"},
-        timeout=TIMEOUT_S,
-    )
-
-
 def warm_compare_rows(target: Target) -> list[dict[str, Any]]:
-    """The same warm view over ZeroMQ and over HTTP, interleaved in blocks so both see
-    the same machine load."""
-    zmq_ms: list[float] = []
-    http_ms: list[float] = []
+    """The same warm view over ZeroMQ, HTTP and HTTP through httpx, interleaved in blocks
+    so all see the same machine load."""
+    samples: dict[str, list[float]] = {"zmq": [], "http": [], "httpx": []}
+    zmq_views, http_views = ZmqViews(target.stack.endpoint), HttpViews(target)
     job = target.job(target.master, 1)
-    with _client(target) as client:
+    headers = {"Authorization": f"Bearer {target.pid}"}
+    client = httpx.Client(base_url=target.stack.gateway_url, headers=headers, timeout=TIMEOUT_S)
+    try:
         for _ in range(20):
-            view_ms(target.stack.endpoint, job)
-            http_view_ms(client, target)
+            zmq_views.view_ms(job), http_views.view_ms(), httpx_view_ms(client, target)
         for _ in range(WARM_REQUESTS // 50):
-            zmq_ms += [view_ms(target.stack.endpoint, job) for _ in range(50)]
-            http_ms += [http_view_ms(client, target) for _ in range(50)]
-    zmq_p50, http_p50 = percentiles(zmq_ms)[0], percentiles(http_ms)[0]
+            samples["zmq"] += [zmq_views.view_ms(job) for _ in range(50)]
+            samples["http"] += [http_views.view_ms() for _ in range(50)]
+            samples["httpx"] += [httpx_view_ms(client, target) for _ in range(50)]
+    finally:
+        zmq_views.close()
+        http_views.close()
+        client.close()
+    zmq_p50, http_p50 = percentiles(samples["zmq"])[0], percentiles(samples["http"])[0]
     return [
-        *latency_rows("warm view 16M->1024, ZeroMQ via is-proxy", zmq_ms, 10.0, ""),
-        *latency_rows("warm view 16M->1024, HTTP gateway", http_ms, "", ""),
+        *latency_rows("warm view 16M->1024, ZeroMQ via is-proxy", samples["zmq"], 10.0, ""),
+        *latency_rows("warm view 16M->1024, HTTP gateway", samples["http"], "", ""),
         {"name": "gateway's extra p50 over ZeroMQ, warm view", "target": 1.0,
          "measured": http_p50 - zmq_p50, "unit": "ms"},
+        {"name": "  the same through httpx: extra p50 (client library included)",
+         "target": "", "measured": percentiles(samples["httpx"])[0] - zmq_p50, "unit": "ms"},
     ]  # fmt: skip
 
 
@@ -141,13 +199,17 @@ def http_load_rows(target: Target) -> list[dict[str, Any]]:
     def loop() -> None:
         ok = bad = 0
         mine: list[float] = []
-        with _client(target) as client:
+        views = HttpViews(target)
+        try:
             while time.monotonic() < stop_at:
                 try:
-                    mine.append(http_view_ms(client, target))
+                    mine.append(views.view_ms())
                     ok += 1
-                except (RuntimeError, httpx.HTTPError):
+                except (RuntimeError, OSError, http.client.HTTPException):
                     bad += 1
+                    views.close()  # reconnects on the next request
+        finally:
+            views.close()
         with lock:
             counts["ok"] += ok
             counts["bad"] += bad

@@ -688,7 +688,8 @@ def _frames_from_meta(meta: dict[str, Any], request_id: str) -> Frames:
     with the worker's ``cache`` and ``elapsed_ms``)."""
     result = meta.get("result")
     if meta.get("status") == "SUCCESS" and isinstance(result, dict):
-        report = {"cache": result.get("cache", "none"), "worker_ms": result.get("elapsed_ms")}
+        report = {"cache": result.get("cache", "none"), "worker_ms": result.get("elapsed_ms"),
+                  "validator": result.get("validator")}  # fmt: skip
         frames = result.get("frames")
         if isinstance(frames, list) and all(isinstance(f, bytes) for f in frames):
             return Reply(success_frames(*frames), **report)

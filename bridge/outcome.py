@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from typing import Literal
 
 from istasks.errors import AuthError, RequestError, WorkerUnavailable
+from istasks.keys import VALIDATOR_RE
 
 #: ok; blank (jpeg grey fallback: no image); error (the worker's error reply, or an
 #: internal one); bad_request (malformed, no pid, unknown type); refused (session or
@@ -30,8 +31,9 @@ class Reply(list[bytes]):
     """Reply frames plus what the dispatcher learnt while getting them.
 
     ``outcome`` is set only when the frames alone would mislead (a timeout is an error
-    frame too); ``cache`` and ``worker_ms`` are the worker's report, checked here because
-    a worker's result is not trusted to be well formed (they become metric labels).
+    frame too); ``cache``, ``worker_ms`` and ``validator`` (a digest naming a rendered
+    view's bytes: the gateway's ETag) are the worker's report, checked here because a
+    worker's result is not trusted to be well formed (they become metric labels, headers).
     """
 
     def __init__(
@@ -41,11 +43,15 @@ class Reply(list[bytes]):
         outcome: Outcome | None = None,
         cache: object = "none",
         worker_ms: object = None,
+        validator: object = None,
     ) -> None:
         super().__init__(frames)
         self.outcome = outcome
         self.cache: str = cache if isinstance(cache, str) and cache in CACHE_RESULTS else "none"
         self.worker_ms: float | None = _duration_ms(worker_ms)
+        self.validator: str | None = (
+            validator if isinstance(validator, str) and VALIDATOR_RE.fullmatch(validator) else None
+        )
 
 
 def exception_outcome(exc: BaseException) -> Outcome:

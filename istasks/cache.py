@@ -47,6 +47,7 @@ from istasks.keys import (
     lock_key,
     reduced_key,
     stats_key,
+    view_validator,
 )
 from istasks.redisconn import connect
 
@@ -104,9 +105,14 @@ class FileVersion:
 
 @dataclass
 class OutcomeReport:
-    """Filled by :meth:`ReducedCache.get` inside a :func:`report_outcome` block."""
+    """Filled by :meth:`ReducedCache.get` inside a :func:`report_outcome` block.
+
+    ``validator``: a digest naming the rendered view's bytes (file version and every
+    view parameter, see :func:`note_validator`), or None when nothing was rendered.
+    """
 
     outcome: CacheOutcome = "none"
+    validator: str | None = None
 
 
 _report: contextvars.ContextVar[OutcomeReport | None] = contextvars.ContextVar(
@@ -134,6 +140,18 @@ def note_outcome(outcome: CacheOutcome) -> None:
     report = _report.get()
     if report is not None:
         report.outcome = outcome
+
+
+def note_validator(view_key: str) -> None:
+    """Record the key of the view this request rendered or found (as its digest).
+
+    The gateway's ETag: the key names the file version and everything the JPEG depends
+    on, so it identifies the bytes without the gateway hashing a few hundred kB per
+    reply (0.2 ms of its 1 ms budget, measured).
+    """
+    report = _report.get()
+    if report is not None:
+        report.validator = view_validator(view_key)
 
 
 def stat_version(path: str) -> FileVersion:

@@ -45,6 +45,17 @@ def file_identity(path: str, mtime_ns: int, size: int) -> str:
     return hashlib.blake2b(raw, digest_size=12).hexdigest()
 
 
+#: Hex digits of a view validator (:func:`view_validator`), the gateway's ETag.
+VALIDATOR_HEX = 40
+VALIDATOR_RE = re.compile(f"[0-9a-f]{{{VALIDATOR_HEX}}}")
+
+
+def view_validator(view_key: str) -> str:
+    """Digest of a rendered view's key (file version and every parameter the JPEG
+    depends on): equal validators, equal bytes. Hashed because the key holds the path."""
+    return hashlib.sha256(view_key.encode("utf-8", "surrogatepass")).hexdigest()[:VALIDATOR_HEX]
+
+
 def reduced_key(gid: int, file_id: str, view_token: str) -> str:
     """Cache key of one reduced image of one frame/window/size of one file version."""
     return f"{REDUCED}:{gid}:{file_id}:{view_token}"

@@ -27,6 +27,7 @@ from istasks.cache import (
     ReducedCache,
     SingleFlight,
     note_outcome,
+    note_validator,
     stat_version,
 )
 from istasks.core import bands
@@ -238,6 +239,7 @@ class Service:
             label,
             self.settings.jpeg_quality,
         )
+        note_validator(key)
         view = self.jpegs.get(key)
         if view is not None:
             note_outcome("jpeg")

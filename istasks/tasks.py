@@ -3,7 +3,8 @@
 Each takes one signed envelope (contract item 1), opens it with this worker's queue
 key, runs the service and returns ``{"frames": [...]}`` or ``{"error": text}``, plus
 ``cache`` (how the reduced image was found: jpeg, lru, redis, computed, none) and
-``elapsed_ms`` for the bridge's request line and metrics. Nothing escapes as a Celery
+``elapsed_ms`` for the bridge's request line and metrics, and for an image the view's
+``validator`` (the gateway's ETag, istasks.cache.note_validator). Nothing escapes as a Celery
 failure: every exception becomes the one error text of ``istasks.replies`` (a Celery
 FAILURE would carry a traceback through the backend). Each task logs one line.
 """
@@ -80,6 +81,8 @@ def run_task(
         result, outcome = _run(kind, handler, job, request_id, task_id)
     elapsed_ms = round((time.perf_counter() - started) * 1000.0, 1)
     result.update(cache=cache.outcome, elapsed_ms=elapsed_ms)
+    if cache.validator is not None and outcome == "ok":
+        result["validator"] = cache.validator  # the gateway's ETag; the bridge ignores it
     if log.isEnabledFor(logging.INFO):
         _log_task(kind, job, result, outcome, task_id=task_id, rid=request_id, queue=context.queue)
     return result

@@ -167,6 +167,29 @@ def test_etag_gives_304(http: httpx.Client, data_dir: Path) -> None:
     assert other.status_code == 200 and other.headers["etag"] != etag
 
 
+def test_etag_follows_the_file_version_and_the_view(http: httpx.Client, data_dir: Path) -> None:
+    """The ETag names the file version and the view parameters (the worker's validator),
+    not merely the bytes: a rewritten file gets a new one even with the same pixels, and
+    a 304 is never given for the old version."""
+    room = data_dir / "versions"
+    room.mkdir(mode=0o755)
+    master = write_eiger(room, "v", nimages=1, frames_per_file=1, shape=(64, 64), seed=5)
+    for item in room.iterdir():
+        item.chmod(0o644)
+    params = {"fn": str(master), "xsize": 64}
+    first = http.get(_view_url(), params=params)
+    assert first.status_code == 200, first.text
+    etag = first.headers["etag"]
+    assert len(etag) == 2 + keys.VALIDATOR_HEX and etag.strip('"') != etag
+    other_view = http.get(_view_url(), params={**params, "wval": 3, "contrast": 9})
+    assert other_view.headers["etag"] != etag
+    stat = master.stat()
+    os.utime(master, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    again = http.get(_view_url(), params=params, headers={"If-None-Match": etag})
+    assert again.status_code == 200 and again.headers["etag"] != etag
+    assert again.content == first.content  # same pixels, new version: a new validator
+
+
 def test_levels_and_meta_without_a_second_reduction(
     stack: Stack, http: httpx.Client, data_dir: Path
 ) -> None:

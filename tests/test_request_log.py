@@ -93,6 +93,9 @@ def test_reply_keeps_only_well_formed_worker_reports() -> None:
     assert Reply([b""], cache=["lru"], worker_ms=True).cache == "none"
     assert Reply([b""], worker_ms=-1).worker_ms is None
     assert Reply([b""], cache="jpeg").cache == "jpeg"  # served from the worker's JPEG LRU
+    assert Reply([b""], validator="0123456789abcdef" * 2 + "01234567").validator is not None
+    for bad in ("ABC", "0" * 39, "0" * 41, "g" * 40, b"0" * 40, 7, '"' + "0" * 38 + '"'):
+        assert Reply([b""], validator=bad).validator is None, bad  # never a header as sent
 
 
 # -- the cache reports how it served --------------------------------------------------
@@ -190,12 +193,17 @@ def test_task_result_and_line_report_cache_and_outcome(
         again = _run(worker_context, "jpeg", {**job, "contrast": 40}, "r2")
         blank = _run(worker_context, "jpeg", {**job, "fn": str(tmp_path / "no.h5")}, "r3")
         failed = _run(worker_context, "spots", {"type": "spots", "pid": "secret-pid"}, "r4")
+        repeat = _run(worker_context, "jpeg", job, "r5")
     assert (first["cache"], again["cache"], blank["cache"], failed["cache"]) == (
         "computed", "lru", "none", "none",
     )  # fmt: skip
     assert all(isinstance(r["elapsed_ms"], float) for r in (first, again, blank, failed))
+    # An image names its bytes (the gateway's ETag); a blank or an error names nothing.
+    assert len({first["validator"], again["validator"]}) == 2
+    assert (repeat["cache"], repeat["validator"]) == ("jpeg", first["validator"])
+    assert "validator" not in blank and "validator" not in failed
     lines = {f["rid"]: f for f in _lines(caplog.text, "task id=")}
-    assert set(lines) == {"r1", "r2", "r3", "r4"}
+    assert set(lines) == {"r1", "r2", "r3", "r4", "r5"}
     assert all(set(f) >= TASK_FIELDS for f in lines.values())
     r1 = lines["r1"]
     assert (r1["id"], r1["queue"], r1["kind"], r1["fn"]) == (

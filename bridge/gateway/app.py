@@ -58,6 +58,7 @@ from bridge.metrics import BridgeMetrics
 from bridge.outcome import Reply, frames_outcome
 from bridge.sessions import Session, SessionStoreUnavailable, SessionVerifier
 from istasks.errors import AuthError, IdentityError
+from istasks.keys import VALIDATOR_HEX
 from istasks.logs import redact_token
 from istasks.redisconn import connect
 from istasks.replies import error_frames
@@ -227,7 +228,7 @@ class Gateway:
     async def view(self, request: Request) -> Response:
         """The JPEG of one view, with its levels in headers; ETag and 304."""
         jpeg, echo, _meta, reply = await self._jpeg(request)
-        etag = '"' + hashlib.sha256(jpeg).hexdigest()[:40] + '"'
+        etag = _etag(jpeg, reply)
         headers = {
             "ETag": etag,
             "Cache-Control": f"private, max-age={VIEW_MAX_AGE_S}",
@@ -243,11 +244,11 @@ class Gateway:
     async def view_json(self, request: Request) -> Response:
         """The levels and meta of the same view (the same request to the worker: its
         JPEG LRU answers, nothing is reduced a second time)."""
-        jpeg, echo, meta, _reply = await self._jpeg(request)
+        jpeg, echo, meta, reply = await self._jpeg(request)
         body = {
             "levels": {"wval_used": echo.get("wval_used"), "bval_used": echo.get("bval_used")},
-            "etag": '"' + hashlib.sha256(jpeg).hexdigest()[:40] + '"',
-            "meta": meta,
+            "etag": _etag(jpeg, reply),
+            "meta": json.loads(meta),
         }
         return JSONResponse(body, headers={"Cache-Control": "private, no-cache"})
 
@@ -282,8 +283,9 @@ class Gateway:
             raise Problem(502, f"malformed {kind} reply from the worker")
         return JSONResponse(json.loads(frames[2]), headers={"Cache-Control": "private, no-cache"})
 
-    async def _jpeg(self, request: Request) -> tuple[bytes, dict[str, Any], Any, list[bytes]]:
-        """(JPEG, echoed job, meta, reply) of the view the query names; Problem otherwise."""
+    async def _jpeg(self, request: Request) -> tuple[bytes, dict[str, Any], bytes, list[bytes]]:
+        """(JPEG, echoed job, meta JSON, reply) of the view the query names; Problem
+        otherwise. The meta stays text: only ``view.json`` decodes it."""
         esaf = _esaf(request)
         pid, identity = await self._admit(request, esaf)
         fields = parse_query(_single(request), self._view_fields)
@@ -297,7 +299,7 @@ class Gateway:
         if not frames[2]:  # the grey fallback: the reason is in the echo
             reason = str(echo.get("error") or "no image for this view")
             raise Problem(blank_status(reason), redact_token(reason, pid))
-        return frames[3], echo, json.loads(frames[2]), frames
+        return frames[3], echo, frames[2], frames
 
     # -- index ------------------------------------------------------------------------
 
@@ -503,6 +505,14 @@ def _detail(frames: list[bytes], pid: str) -> str:
 
 def _session_body(session: Session) -> dict[str, Any]:
     return {"user": session.user, "esafs": sorted(session.allowed_esafs)}
+
+
+def _etag(jpeg: bytes, reply: list[bytes]) -> str:
+    """The view's strong ETag: the worker's validator of it (a digest of the file version
+    and every parameter the bytes depend on), or a digest of the bytes themselves when
+    the worker sent none (an older worker during a rolling upgrade)."""
+    validator = reply.validator if isinstance(reply, Reply) else None
+    return f'"{validator or hashlib.sha256(jpeg).hexdigest()[:VALIDATOR_HEX]}"'
 
 
 def _etag_matches(header: str | None, etag: str) -> bool:
