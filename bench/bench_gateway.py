@@ -23,7 +23,6 @@ Run: ``.venv/bin/python -m bench gateway``.
 from __future__ import annotations
 
 import http.client
-import json
 import shutil
 import threading
 import time
@@ -44,6 +43,7 @@ from bench.bench_e2e import (
     view_ms,
     worker_pids,
 )
+from bench.bench_load import exchange, req_socket
 from istasks.settings import Settings
 from ops.client import request
 from ops.stack import Stack, dev_user
@@ -125,27 +125,14 @@ class HttpViews:
         self._conn.close()
 
 
-class ZmqViews:
-    """Views over one REQ socket kept open, as is.js keeps its socket."""
-
-    def __init__(self, endpoint: str) -> None:
-        self._socket: zmq.Socket[Any] = zmq.Context.instance().socket(zmq.REQ)
-        self._socket.setsockopt(zmq.LINGER, 0)
-        self._socket.setsockopt(zmq.RCVTIMEO, int(TIMEOUT_S * 1000))
-        self._socket.connect(endpoint)
-
-    def view_ms(self, job: dict[str, Any]) -> float:
-        """One view's round trip in ms; RuntimeError unless it is a real image reply."""
-        payload = json.dumps(job).encode()
-        started = time.perf_counter()
-        self._socket.send(payload)
-        frames = self._socket.recv_multipart()
-        elapsed_ms = (time.perf_counter() - started) * 1000
-        check_image_reply(frames)
-        return elapsed_ms
-
-    def close(self) -> None:
-        self._socket.close()
+def kept_view_ms(sock: zmq.Socket[Any], job: dict[str, Any]) -> float:
+    """One view's round trip over a kept REQ socket (:func:`bench.bench_load.req_socket`)
+    in ms; RuntimeError unless it is a real image reply."""
+    reply, elapsed_ms = exchange(sock, job)
+    if reply is None:
+        raise RuntimeError("no reply in time over the kept REQ socket")
+    check_image_reply(reply)
+    return elapsed_ms
 
 
 def httpx_view_ms(client: httpx.Client, target: Target) -> float:
@@ -155,7 +142,7 @@ def httpx_view_ms(client: httpx.Client, target: Target) -> float:
         "/api/v1/esaf/0/view", params={"fn": str(target.master), "frame": 1, "xsize": XSIZE}
     )
     elapsed_ms = (time.perf_counter() - started) * 1000
-    if response.status_code != 200:
+    if response.status_code != 200 or response.headers["content-type"] != "image/jpeg":
         raise RuntimeError(f"gateway: {response.status_code} {response.text[:200]}")
     return elapsed_ms
 
@@ -164,19 +151,19 @@ def warm_compare_rows(target: Target) -> list[dict[str, Any]]:
     """The same warm view over ZeroMQ, HTTP and HTTP through httpx, interleaved in blocks
     so all see the same machine load."""
     samples: dict[str, list[float]] = {"zmq": [], "http": [], "httpx": []}
-    zmq_views, http_views = ZmqViews(target.stack.endpoint), HttpViews(target)
+    sock, http_views = req_socket(target.stack.endpoint), HttpViews(target)
     job = target.job(target.master, 1)
     headers = {"Authorization": f"Bearer {target.pid}"}
     client = httpx.Client(base_url=target.stack.gateway_url, headers=headers, timeout=TIMEOUT_S)
     try:
         for _ in range(20):
-            zmq_views.view_ms(job), http_views.view_ms(), httpx_view_ms(client, target)
+            kept_view_ms(sock, job), http_views.view_ms(), httpx_view_ms(client, target)
         for _ in range(WARM_REQUESTS // 50):
-            samples["zmq"] += [zmq_views.view_ms(job) for _ in range(50)]
+            samples["zmq"] += [kept_view_ms(sock, job) for _ in range(50)]
             samples["http"] += [http_views.view_ms() for _ in range(50)]
             samples["httpx"] += [httpx_view_ms(client, target) for _ in range(50)]
     finally:
-        zmq_views.close()
+        sock.close(linger=0)
         http_views.close()
         client.close()
     zmq_p50, http_p50 = percentiles(samples["zmq"])[0], percentiles(samples["http"])[0]

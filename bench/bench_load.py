@@ -187,14 +187,14 @@ def client_loop(spec: ClientSpec, totals: Counts) -> None:
     for n in itertools.count():
         if time.monotonic() >= spec.stop_at:
             break
-        sock = sock or _req_socket(spec.scene.stack.endpoint)
+        sock = sock or req_socket(spec.scene.stack.endpoint)
         draw = rng.random()
         kind = (
             "warm" if draw < WARM_SHARE else "cold" if draw < WARM_SHARE + COLD_SHARE else "spots"
         )
         tag = f"{spec.name}-{n}"
         measured = time.monotonic() >= spec.measure_from
-        reply, elapsed_ms = _exchange(sock, spec.scene.job(spec.user, kind, rng, tag))
+        reply, elapsed_ms = exchange(sock, spec.scene.job(spec.user, kind, rng, tag))
         counts.sent += 1
         if reply is None:
             counts.lost += 1
@@ -209,14 +209,15 @@ def client_loop(spec: ClientSpec, totals: Counts) -> None:
     totals.merge(counts)
 
 
-def _req_socket(endpoint: str) -> zmq.Socket[Any]:
+def req_socket(endpoint: str) -> zmq.Socket[Any]:
+    """A REQ socket to ``endpoint``, kept for many requests as is.js keeps its own."""
     sock: zmq.Socket[Any] = zmq.Context.instance().socket(zmq.REQ)
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(endpoint)
     return sock
 
 
-def _exchange(sock: zmq.Socket[Any], job: dict[str, Any]) -> tuple[list[bytes] | None, float]:
+def exchange(sock: zmq.Socket[Any], job: dict[str, Any]) -> tuple[list[bytes] | None, float]:
     """(reply frames or None after REPLY_TIMEOUT_S, round trip in ms)."""
     started = time.perf_counter()
     sock.send(json.dumps(job).encode())

@@ -685,7 +685,7 @@ def result_key(identity: Identity, task_id: str) -> bytes:
 
 def _frames_from_meta(meta: dict[str, Any], request_id: str) -> Frames:
     """Reply frames from a task's stored meta (``{"frames": [...]}`` or ``{"error": s}``,
-    with the worker's ``cache`` and ``elapsed_ms``)."""
+    with the worker's ``cache``, ``elapsed_ms`` and, for an image, ``validator``)."""
     result = meta.get("result")
     if meta.get("status") == "SUCCESS" and isinstance(result, dict):
         report = {"cache": result.get("cache", "none"), "worker_ms": result.get("elapsed_ms"),

@@ -164,6 +164,8 @@ class Storm:
         replies: dict[int, list[bytes]] = {}
         try:
             self._collect(expected, lone, replies, timeout_s)
+            lost = [probes[i].note for i in range(len(probes)) if i not in replies]
+            assert not lost, f"{len(lost)} of {len(probes)} requests unanswered, e.g. {lost[:5]}"
         except BaseException:
             # The rest of this batch is still in flight to the shared socket: a fresh
             # one keeps those replies from failing the next exchange as strays.
@@ -173,8 +175,6 @@ class Storm:
         finally:
             for sock in lone:
                 sock.close(linger=0)
-        lost = [probes[i].note for i in range(len(probes)) if i not in replies]
-        assert not lost, f"{len(lost)} of {len(probes)} requests unanswered, e.g. {lost[:5]}"
         return [replies[i] for i in range(len(probes))]
 
     def _collect(
