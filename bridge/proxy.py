@@ -18,6 +18,7 @@ from typing import Any
 
 import zmq
 
+from istasks.logs import configure_logging
 from istasks.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -109,7 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--frontend", default=default_front, help="endpoint for clients (bind)")
     parser.add_argument("--backend", default=default_back, help="endpoint for bridges (bind)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(name)s %(message)s")
+    # The shared set-up: the level case-insensitive (IS_LOG_LEVEL=debug used to stop
+    # the proxy at start), syslog like every other program.
+    configure_logging(settings, "is-proxy")
     if not args.frontend or not args.backend:
         parser.error("need --frontend (or IS_RUN_DIR) and --backend (or IS_PROXY_ENDPOINT)")
     try:

@@ -239,6 +239,7 @@ def test_is_proxy_console_script_as_users_start_it(bridges: HarnessFactory, ipc_
     backend = f"tcp://127.0.0.1:{free_port()}"
     front = f"ipc://{ipc_dir}/front"
     env = {k: v for k, v in os.environ.items() if not k.startswith("IS_")}
+    env["IS_LOG_LEVEL"] = "debug"  # lower case, as admins write it (it once stopped the proxy)
     proc = subprocess.Popen(
         [sys.executable, "-m", "bridge.proxy", "--frontend", front, "--backend", backend],
         env=env,
