@@ -4,17 +4,22 @@ one pass gives, and the spec's numbers (the other core tests run with one band).
 from __future__ import annotations
 
 import contextlib
+import io
 import itertools
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import pytest
+import simplejpeg
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from PIL import Image
 
 from istasks.core import bands
-from istasks.core.contrast import Levels, grey_into
+from istasks.core.contrast import Levels, grey_into, marked_view, saturated_indices
+from istasks.core.jpeg import DRI, MAX_RESTART_MCUS, encode_jpeg, encode_view, join_bands, mcu_bands
 from istasks.core.params import ViewParams
 from istasks.core.stats import forget_ring_layouts, image_stats
 from istasks.core.view import reduce_frame
@@ -118,3 +123,83 @@ def test_the_same_thread_count_keeps_the_pool_and_a_replaced_pool_still_answers(
         assert pool is not None
         pool.shutdown()  # as if set_threads replaced it under a running request
         assert bands.run(lambda a, b: b - a, bands.bands(10, 1)) == [5, 5]
+
+
+def _pixels(jpeg: bytes) -> npt.NDArray[np.uint8]:
+    """Decoded with Pillow's libjpeg, not the encoder's own library."""
+    return np.asarray(Image.open(io.BytesIO(jpeg)))
+
+
+def _has_restarts(jpeg: bytes) -> bool:
+    return bytes((0xFF, DRI)) in jpeg[: jpeg.index(b"\xff\xda")]
+
+
+def _diffraction_like(rng: np.random.Generator, shape: tuple[int, int]) -> npt.NDArray[np.uint8]:
+    """Dark background, bright specks, a gradient: blocks of every kind of content."""
+    grey = (rng.random(shape) ** 6 * 255).astype(np.uint8)
+    grey += np.linspace(0, 40, shape[1], dtype=np.uint8)[np.newaxis, :]
+    return grey
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize(("height", "width"), [(1024, 1024), (1037, 1090), (27, 5), (9, 1), (1, 9)])
+def test_a_grey_jpeg_in_bands_decodes_to_the_whole_encodes_pixels(
+    rng: np.random.Generator, height: int, width: int, threads: int
+) -> None:
+    grey = _diffraction_like(rng, (height, width))
+    whole = simplejpeg.encode_jpeg(
+        grey[:, :, np.newaxis], quality=90, colorspace="GRAY", colorsubsampling="Gray"
+    )
+    with banded(threads):
+        cuts = mcu_bands(height, width, 8)
+        cut = encode_jpeg(grey, quality=90).data
+    np.testing.assert_array_equal(_pixels(cut), _pixels(whole))
+    assert _has_restarts(cut) == (len(cuts) > 1) and not _has_restarts(whole)
+    assert (len(cuts) > 1) == (height > 8)  # one band per thread, of whole MCU rows
+
+
+@pytest.mark.parametrize(
+    ("height", "width", "joined"),
+    # 33 rows: the last band would be one row, whose planes TurboJPEG reads as 4:2:2, so
+    # the bands' headers differ and the view is encoded whole (the safety net).
+    [(1024, 1024, True), (1041, 999, True), (34, 17, True), (33, 17, False)],
+)
+def test_a_view_with_red_pixels_in_bands_decodes_to_the_whole_encodes_pixels(
+    rng: np.random.Generator, height: int, width: int, joined: bool
+) -> None:
+    pixels = rng.integers(0, 300, size=(height, width)).astype(np.uint32)
+    red = rng.choice(pixels.size, size=max(1, pixels.size // 50), replace=False)
+    pixels.reshape(-1)[red] = 0xFFFFFFFF
+    pixels[-1, -1] = pixels[16, 0] = pixels[15, 1] = 0xFFFFFFFF  # at the band edges too
+    view = marked_view(pixels, Levels(0, 300), saturated_indices(pixels, 0xFFFFFFFF))
+    whole = encode_view(view, quality=90).data
+    with banded(2):
+        cut = encode_view(view, quality=90).data
+    assert _has_restarts(cut) == joined and not _has_restarts(whole)
+    np.testing.assert_array_equal(_pixels(cut), _pixels(whole))
+
+
+def test_a_wide_image_gets_bands_within_the_restart_interval(rng: np.random.Generator) -> None:
+    height, width = 200, 65500
+    with banded(2):
+        cuts = mcu_bands(height, width, 8)
+        cut = encode_jpeg(_diffraction_like(rng, (height, width)), quality=75).data
+    assert len(cuts) > 2  # more bands than threads: 8188 MCUs per row of MCUs
+    assert all((stop - start) // 8 * -(-width // 8) <= MAX_RESTART_MCUS for start, stop in cuts)
+    assert Image.open(io.BytesIO(cut)).size == (width, height)
+
+
+def test_bands_of_different_encodings_are_not_joined(rng: np.random.Generator) -> None:
+    grey = _diffraction_like(rng, (32, 32))
+
+    def band(rows: npt.NDArray[np.uint8], quality: int) -> bytes:
+        data: bytes = simplejpeg.encode_jpeg(
+            rows[:, :, np.newaxis], quality=quality, colorspace="GRAY", colorsubsampling="Gray"
+        )
+        return data
+
+    assert join_bands([band(grey[:16], 90), band(grey[16:], 90)], 32, 8)
+    with pytest.raises(ValueError, match="headers"):
+        join_bands([band(grey[:16], 90), band(grey[16:], 50)], 32, 8)
+    with pytest.raises(ValueError, match="JPEG"):
+        join_bands([b"GIF89a", band(grey[16:], 90)], 32, 8)
