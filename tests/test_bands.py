@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 import io
 import itertools
+import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -45,16 +47,41 @@ def test_bands_cover_the_rows_once(rows: int, width: int, threads: int) -> None:
         ranges = bands.bands(rows, width)
     assert ranges[0][0] == 0 and ranges[-1][1] == rows
     assert all(a[1] == b[0] for a, b in itertools.pairwise(ranges))
-    assert len(ranges) == min(threads, rows)
+    assert len(ranges) == min(threads * bands.BANDS_PER_THREAD, rows)
 
 
 def test_small_images_stay_one_band() -> None:
     bands.set_threads(4)
     try:
         assert bands.bands(64, 64) == [(0, 64)]
-        assert len(bands.bands(1024, 1024)) == 4
+        assert len(bands.bands(1024, 1024)) == 1024 * 1024 // bands.MIN_BAND_PIXELS
     finally:
         bands.set_threads(1)
+
+
+def test_one_thread_is_one_band() -> None:
+    with banded(1):
+        assert bands.bands(1024, 1024) == [(0, 1024)]
+
+
+def test_threads_share_out_the_bands_and_results_keep_band_order() -> None:
+    """Each thread takes the next band left: a slow band does not hold the others back
+    (the first band is slow; the other thread does all the rest meanwhile)."""
+    done_by: dict[int, str] = {}
+
+    def work(start: int, stop: int) -> int:
+        if start == 0:
+            time.sleep(0.2)
+        done_by[start] = threading.current_thread().name
+        return start
+
+    bands.set_threads(2)
+    try:
+        ranges = [(k, k + 1) for k in range(8)]
+        assert bands.run(work, ranges) == list(range(8))
+    finally:
+        bands.set_threads(1)
+    assert all(done_by[k] != done_by[0] for k in range(1, 8))  # the other thread did them
 
 
 def test_an_error_in_a_band_reaches_the_caller() -> None:
@@ -115,14 +142,15 @@ def test_banded_grey_levels_are_the_one_band_levels(white: int, span: int, seed:
 
 
 def test_the_same_thread_count_keeps_the_pool_and_a_replaced_pool_still_answers() -> None:
+    halves = [(0, 5), (5, 10)]
     with banded(2):
-        assert bands.run(lambda a, b: b - a, bands.bands(10, 1)) == [5, 5]
+        assert bands.run(lambda a, b: b - a, halves) == [5, 5]
         pool = bands._BANDS.pool
         bands.set_threads(2)  # another service of the process asks for the same
         assert bands._BANDS.pool is pool
         assert pool is not None
         pool.shutdown()  # as if set_threads replaced it under a running request
-        assert bands.run(lambda a, b: b - a, bands.bands(10, 1)) == [5, 5]
+        assert bands.run(lambda a, b: b - a, halves) == [5, 5]
 
 
 def _pixels(jpeg: bytes) -> npt.NDArray[np.uint8]:
