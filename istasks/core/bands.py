@@ -15,7 +15,9 @@ and the pool's threads each take the next band not yet taken until none is left.
 one band per thread the caller, done with its own, waited for the other: a profile of
 the worker under the tile benchmark showed a third of a tile's time in that wait, the
 other band starting late or running slower because the bridge, the proxy and Redis
-share the two cores.
+share the two cores. Measured in the worker (its own compute time of each tile, five
+pairs of alternating 12 s tile runs): 0.6 ms less a tile on average, in four pairs of
+five; in one process alone, where no other program wants the cores, no difference.
 """
 
 from __future__ import annotations
