@@ -59,9 +59,15 @@ def test_small_images_stay_one_band() -> None:
         bands.set_threads(1)
 
 
-def test_one_thread_is_one_band() -> None:
+def test_one_thread_is_one_band_and_makes_no_pool() -> None:
     with banded(1):
         assert bands.bands(1024, 1024) == [(0, 1024)]
+        # Several ranges anyway (a very wide JPEG's restart intervals): all done here.
+        assert (
+            bands.run(lambda a, b: threading.current_thread().name, [(0, 1), (1, 2)])
+            == [threading.current_thread().name] * 2
+        )
+        assert bands._BANDS.pool is None
 
 
 def test_threads_share_out_the_bands_and_results_keep_band_order() -> None:

@@ -103,13 +103,15 @@ def run(work: Callable[[int, int], T], ranges: list[tuple[int, int]]) -> list[T]
         while (index := next(claims)) < len(ranges):
             results[index] = work(*ranges[index])
 
-    try:
+    helpers: list[concurrent.futures.Future[None]] = []
+    wanted = min(_BANDS.threads, len(ranges)) - 1
+    if wanted > 0:  # one thread (a very wide JPEG can still have several bands): no pool
         pool = _BANDS.get_pool()
-        helpers = [
-            pool.submit(take_until_done) for _ in range(min(_BANDS.threads, len(ranges)) - 1)
-        ]
-    except RuntimeError:  # the pool was replaced meanwhile (set_threads): do it here
-        helpers = []
+        for _ in range(wanted):
+            try:
+                helpers.append(pool.submit(take_until_done))
+            except RuntimeError:  # the pool was replaced meanwhile (set_threads)
+                break
     try:
         take_until_done()
     finally:
