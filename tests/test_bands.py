@@ -219,6 +219,7 @@ def test_a_wide_image_gets_bands_within_the_restart_interval(rng: np.random.Gene
         cuts = mcu_bands(height, width, 8)
         cut = encode_jpeg(_diffraction_like(rng, (height, width)), quality=75).data
     assert len(cuts) > 2  # more bands than threads: 8188 MCUs per row of MCUs
+    assert mcu_bands(height, width, 8) == [(0, height)]  # one thread: one scan, no restarts
     assert all((stop - start) // 8 * -(-width // 8) <= MAX_RESTART_MCUS for start, stop in cuts)
     assert Image.open(io.BytesIO(cut)).size == (width, height)
 

@@ -149,8 +149,11 @@ def encode_in_bands(
 def mcu_bands(height: int, width: int, mcu: int) -> list[tuple[int, int]]:
     """Row ranges for :func:`encode_in_bands`: as many as :func:`bands.bands` gives the
     image, each the same whole number of MCU rows (the last takes the rest) and at most
-    a restart interval's worth of MCUs (a very wide image gets more bands than threads)."""
+    a restart interval's worth of MCUs (a very wide image gets more bands than threads).
+    One range when :func:`bands.bands` gives one: no restarts, no limit."""
     parts = len(bands.bands(height, width))
+    if parts == 1:
+        return [(0, height)]
     mcu_rows, mcu_cols = -(-height // mcu), -(-width // mcu)
     per_band = min(-(-mcu_rows // parts), MAX_RESTART_MCUS // mcu_cols)
     return [
