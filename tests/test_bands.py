@@ -21,7 +21,15 @@ from PIL import Image
 
 from istasks.core import bands
 from istasks.core.contrast import Levels, grey_into, marked_view, saturated_indices
-from istasks.core.jpeg import DRI, MAX_RESTART_MCUS, encode_jpeg, encode_view, join_bands, mcu_bands
+from istasks.core.jpeg import (
+    DRI,
+    MAX_RESTART_MCUS,
+    SOS,
+    encode_jpeg,
+    encode_view,
+    join_bands,
+    mcu_bands,
+)
 from istasks.core.params import ViewParams
 from istasks.core.stats import forget_ring_layouts, image_stats
 from istasks.core.view import reduce_frame
@@ -165,7 +173,15 @@ def _pixels(jpeg: bytes) -> npt.NDArray[np.uint8]:
 
 
 def _has_restarts(jpeg: bytes) -> bool:
-    return bytes((0xFF, DRI)) in jpeg[: jpeg.index(b"\xff\xda")]
+    return bytes((0xFF, DRI)) in jpeg[: jpeg.index(bytes((0xFF, SOS)))]
+
+
+def _grey_jpeg(rows: npt.NDArray[np.uint8], quality: int) -> bytes:
+    """``rows`` in one piece, straight through simplejpeg."""
+    data: bytes = simplejpeg.encode_jpeg(
+        rows[:, :, np.newaxis], quality=quality, colorspace="GRAY", colorsubsampling="Gray"
+    )
+    return data
 
 
 def _diffraction_like(rng: np.random.Generator, shape: tuple[int, int]) -> npt.NDArray[np.uint8]:
@@ -181,15 +197,13 @@ def test_a_grey_jpeg_in_bands_decodes_to_the_whole_encodes_pixels(
     rng: np.random.Generator, height: int, width: int, threads: int
 ) -> None:
     grey = _diffraction_like(rng, (height, width))
-    whole = simplejpeg.encode_jpeg(
-        grey[:, :, np.newaxis], quality=90, colorspace="GRAY", colorsubsampling="Gray"
-    )
+    whole = _grey_jpeg(grey, 90)
     with banded(threads):
         cuts = mcu_bands(height, width, 8)
         cut = encode_jpeg(grey, quality=90).data
     np.testing.assert_array_equal(_pixels(cut), _pixels(whole))
     assert _has_restarts(cut) == (len(cuts) > 1) and not _has_restarts(whole)
-    assert (len(cuts) > 1) == (height > 8)  # one band per thread, of whole MCU rows
+    assert (len(cuts) > 1) == (height > 8)  # bands of whole MCU rows, from two of them on
 
 
 @pytest.mark.parametrize(
@@ -226,15 +240,8 @@ def test_a_wide_image_gets_bands_within_the_restart_interval(rng: np.random.Gene
 
 def test_bands_of_different_encodings_are_not_joined(rng: np.random.Generator) -> None:
     grey = _diffraction_like(rng, (32, 32))
-
-    def band(rows: npt.NDArray[np.uint8], quality: int) -> bytes:
-        data: bytes = simplejpeg.encode_jpeg(
-            rows[:, :, np.newaxis], quality=quality, colorspace="GRAY", colorsubsampling="Gray"
-        )
-        return data
-
-    assert join_bands([band(grey[:16], 90), band(grey[16:], 90)], 32, 8)
+    assert join_bands([_grey_jpeg(grey[:16], 90), _grey_jpeg(grey[16:], 90)], 32, 8)
     with pytest.raises(ValueError, match="headers"):
-        join_bands([band(grey[:16], 90), band(grey[16:], 50)], 32, 8)
+        join_bands([_grey_jpeg(grey[:16], 90), _grey_jpeg(grey[16:], 50)], 32, 8)
     with pytest.raises(ValueError, match="JPEG"):
-        join_bands([b"GIF89a", band(grey[16:], 90)], 32, 8)
+        join_bands([b"GIF89a", _grey_jpeg(grey[16:], 90)], 32, 8)

@@ -70,13 +70,18 @@ def set_threads(threads: int) -> None:
     _BANDS.set_threads(threads)
 
 
-def bands(rows: int, width: int) -> list[tuple[int, int]]:
-    """``[start, stop)`` row ranges covering ``rows`` rows of ``width`` pixels: a few per
-    thread, none under :data:`MIN_BAND_PIXELS`, or one in all for a small image or one
-    thread."""
+def count(rows: int, width: int) -> int:
+    """How many bands an image of ``rows`` rows of ``width`` pixels gets: a few per
+    thread, none under :data:`MIN_BAND_PIXELS`, or one for a small image or one thread."""
     threads = _BANDS.threads
     most = 1 if threads == 1 else threads * BANDS_PER_THREAD
-    parts = min(most, max(1, rows * width // MIN_BAND_PIXELS), max(rows, 1))
+    return min(most, max(1, rows * width // MIN_BAND_PIXELS), max(rows, 1))
+
+
+def bands(rows: int, width: int) -> list[tuple[int, int]]:
+    """``[start, stop)`` row ranges covering ``rows`` rows of ``width`` pixels, as many
+    as :func:`count` says."""
+    parts = count(rows, width)
     return list(itertools.pairwise(rows * k // parts for k in range(parts + 1)))
 
 

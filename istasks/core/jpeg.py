@@ -147,11 +147,11 @@ def encode_in_bands(
 
 
 def mcu_bands(height: int, width: int, mcu: int) -> list[tuple[int, int]]:
-    """Row ranges for :func:`encode_in_bands`: as many as :func:`bands.bands` gives the
+    """Row ranges for :func:`encode_in_bands`: as many as :func:`bands.count` gives the
     image, each the same whole number of MCU rows (the last takes the rest) and at most
     a restart interval's worth of MCUs (a very wide image gets more bands than threads).
-    One range when :func:`bands.bands` gives one: no restarts, no limit."""
-    parts = len(bands.bands(height, width))
+    One range when :func:`bands.count` gives one: no restarts, no limit."""
+    parts = bands.count(height, width)
     if parts == 1:
         return [(0, height)]
     mcu_rows, mcu_cols = -(-height // mcu), -(-width // mcu)
@@ -168,6 +168,7 @@ def join_bands(parts: list[bytes], height: int, interval: int) -> bytes:
     and a restart interval, then each band's entropy-coded data, ``RSTn`` between them.
     ValueError when a band is not a JPEG whose headers match the first band's."""
     first = _Header.of(parts[0])
+    shared = first.shared()
     pieces = [
         first.data[: first.sof + 5], struct.pack(">H", height),
         first.data[first.sof + 7 : first.sos], struct.pack(">BBHH", 0xFF, DRI, 4, interval),
@@ -175,7 +176,7 @@ def join_bands(parts: list[bytes], height: int, interval: int) -> bytes:
     ]  # fmt: skip
     for number, part in enumerate(parts):
         header = _Header.of(part) if number else first
-        if header.shared() != first.shared() or not part.endswith(EOI):
+        if header.shared() != shared or not part.endswith(EOI):
             raise ValueError("bands with different JPEG headers")
         if number:
             pieces.append(bytes((0xFF, 0xD0 + (number - 1) % 8)))
