@@ -24,7 +24,6 @@ from istasks.core.contrast import contrast_levels, to_8bit
 from istasks.core.jpeg import encode_jpeg
 from istasks.core.params import ContrastParams, LabelParams, ViewParams
 from istasks.core.readers.base import Frame, PixelMask
-from istasks.core.stats import forget_ring_layouts
 from istasks.core.view import Reduced, reduce_frame, render_jpeg
 
 ROWS, COLUMNS = 4362, 4148
@@ -85,9 +84,7 @@ def peak_extra_mb(action: Callable[[], object]) -> float:
 
 
 def first_view(frame: Frame) -> Reduced:
-    """reduce_frame as for the first view of a geometry: the ring bins that every later
-    frame of the dataset reuses are computed too."""
-    forget_ring_layouts()
+    """reduce_frame as for the first view of a frame (nothing is kept per geometry)."""
     return reduce_frame(frame, VIEW)
 
 

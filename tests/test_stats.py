@@ -13,11 +13,21 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from istasks.core.params import ViewParams
 from istasks.core.readers.base import Frame, PixelMask
 from istasks.core.reduce import Window
-from istasks.core.stats import RING_BINS, image_stats, ring_bins, spot_floor
+from istasks.core.stats import (
+    RING_BINS,
+    BinSums,
+    Layout,
+    image_stats,
+    ring_bins,
+    spot_floor,
+    spots_per_bin,
+)
 from istasks.core.view import reduce_frame
 from tests.spec_view import spec_bin, spec_reduce, spec_stats
 
@@ -262,3 +272,63 @@ def test_ring_radii_bound_the_pixels_of_each_ring() -> None:
             assert (
                 ring["inner_px"] - 0.01 <= inside.min() and inside.max() <= ring["outer_px"] + 0.01
             )
+
+
+def bin_image_sums(
+    pixels: npt.NDArray[Any], bins: npt.NDArray[np.uint8], count: int, sentinel: int | None
+) -> BinSums:
+    """Per-bin sums from a bin image, in Python integers: what the run kernels replace."""
+    kept = pixels.reshape(-1).astype(object)
+    ring = bins.reshape(-1)
+    if sentinel is not None:
+        ring, kept = ring[pixels.reshape(-1) != sentinel], kept[pixels.reshape(-1) != sentinel]
+    n = [int((ring == b).sum()) for b in range(count)]
+    total = [int(kept[ring == b].sum()) for b in range(count)]
+    squares = [int((kept[ring == b] ** 2).sum()) for b in range(count)]
+    low = int(kept.min()) if kept.size else None
+    high = int(kept.max()) if kept.size else None
+    return BinSums(n, total, squares, low, high)
+
+
+def centres(width: int, height: int) -> st.SearchStrategy[float]:
+    """Beam coordinates: anywhere, on pixel and bin edges, far away, not finite."""
+    edge = max(width, height)
+    return st.one_of(
+        st.floats(-2.0 * edge, 3.0 * edge, allow_nan=False),
+        st.integers(-edge, 2 * edge).map(float),
+        st.integers(-2 * edge, 4 * edge).map(lambda k: k / 2.0),
+        st.sampled_from([1e12, -1e12, math.inf, -math.inf, math.nan, 0.0]),
+    )
+
+
+@st.composite
+def ring_views(draw: st.DrawFn) -> tuple[npt.NDArray[Any], tuple[float, float], int, int | None]:
+    height, width = draw(st.integers(1, 60)), draw(st.integers(1, 60))
+    dtype = draw(st.sampled_from([np.uint16, np.uint32]))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    top = draw(st.sampled_from([50, 0xFFFF, int(np.iinfo(dtype).max)]))
+    pixels = rng.integers(0, top, (height, width), dtype=dtype, endpoint=True)
+    sentinel = draw(st.sampled_from([None, int(np.iinfo(dtype).max), int(pixels.flat[0])]))
+    centre = (draw(centres(width, height)), draw(centres(width, height)))
+    return pixels, centre, draw(st.sampled_from([1, 2, 16, 255])), sentinel
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ring_views())
+def test_run_kernels_match_the_bin_image(
+    view: tuple[npt.NDArray[Any], tuple[float, float], int, int | None],
+) -> None:
+    """The sums and spot counts over runs (no bin image) are those of every pixel in
+    the bin :func:`ring_bins` gives it: any centre, bins on pixel boundaries, values
+    whose squares carry past 64 bits, a sentinel inside or outside a run."""
+    pixels, centre, count, sentinel = view
+    bins = ring_bins(pixels.shape, centre, count)
+    layout = Layout.of(pixels.shape, centre, count)
+    assert BinSums.of(pixels, layout, count, sentinel) == bin_image_sums(
+        pixels, bins, count, sentinel
+    )
+    choices: list[int | None] = [None, 0, 1, 40, 0xFFFF, 1 << 40]
+    floors = [choices[b % len(choices)] for b in range(count)]
+    expected = [int((pixels[bins == b] >= f).sum()) if f is not None else 0
+                for b, f in enumerate(floors)]  # fmt: skip
+    assert spots_per_bin(pixels, layout, floors) == expected

@@ -27,7 +27,26 @@ def ring_bins(
     out: _Bytes,
 ) -> None: ...
 def ring_sums(
-    flat: _Pixels, bins: _Bytes, count: int, sentinel: int
+    pixels: _Pixels,
+    dy2: npt.NDArray[np.float64],
+    dx2: npt.NDArray[np.float64],
+    bx: float,
+    split: int,
+    low: float,
+    scale: float,
+    top_bin: int,
+    count: int,
+    sentinel: int,
 ) -> tuple[list[int], list[int], list[int], int | None, int | None]: ...
-def count_above(flat: _Pixels, bins: _Bytes, cuts: npt.NDArray[np.int64]) -> list[int]: ...
+def count_above(
+    pixels: _Pixels,
+    dy2: npt.NDArray[np.float64],
+    dx2: npt.NDArray[np.float64],
+    bx: float,
+    split: int,
+    low: float,
+    scale: float,
+    top_bin: int,
+    cuts: npt.NDArray[np.int64],
+) -> list[int]: ...
 def grey(pixels: _Pixels, white: int, black: int, out: _Bytes) -> None: ...

@@ -16,7 +16,8 @@ dtypes; these functions trust them.
 """
 
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
-from libc.stdlib cimport free, malloc
+from libc.math cimport ceil, sqrt
+from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memcpy
 
 ctypedef fused pixel_t:
@@ -127,96 +128,300 @@ def ring_bins(
                 dst[c] = <uint8_t> <int> x
 
 
-def ring_sums(const pixel_t[::1] flat, const uint8_t[::1] bins, int count, int64_t sentinel):
-    """Per-bin pixel count, sum and sum of squares, and the min/max, of the pixels not
-    equal to ``sentinel`` (-1: none is left out). Exact: sums in 64 bits, squares in
-    128 (two 64-bit words), returned as Python ints.
+cdef inline int _bin_of(
+    double row, double across, double low, double scale, double ceiling
+) noexcept nogil:
+    """The bin of a pixel, as :func:`ring_bins` computes it (same doubles, same order)."""
+    cdef double x = row + across
+    x = x - low
+    x = x * scale
+    x = x if x > 0.0 else 0.0
+    x = x if x < ceiling else ceiling
+    return <int> x
 
-    Returns ``(counts, totals, squares, low, high)``; low/high are None when no pixel
-    is counted. Bins run in long runs along the rows, so each run is summed in
-    registers and added to its bin when the bin changes.
+
+cdef struct _Side:
+    # One side of a row's beam column: columns origin + step * j for j in [0, n), along
+    # which the squared distance (so the bin) never decreases.
+    const double* dx2
+    Py_ssize_t origin
+    Py_ssize_t step
+    Py_ssize_t n
+    double row
+    double low
+    double scale
+    double ceiling
+    double offset  # step * (bx - origin): j of the beam column, for the estimates
+
+
+cdef inline int _side_bin(const _Side* side, Py_ssize_t j) noexcept nogil:
+    return _bin_of(side.row, side.dx2[side.origin + side.step * j], side.low, side.scale,
+                   side.ceiling)
+
+
+cdef Py_ssize_t _run_end(const _Side* side, Py_ssize_t j, int b) noexcept nogil:
+    """The end of the run of bin ``b`` that starts at ``j``: the smallest ``k`` in
+    ``(j, n]`` with ``k == n`` or a bin above ``b``.
+
+    The bin never decreases along a side, so the end is searched for: from an estimate
+    (where the distance reaches the next bin's edge), galloping then halving, every probe
+    computing the bin exactly. The estimate only saves probes; any estimate is correct.
     """
-    if not 1 <= count <= MAX_BINS - 1:
-        raise ValueError(f"bin count {count} outside 1..{MAX_BINS - 1}")
-    cdef uint64_t n[MAX_BINS]
-    cdef uint64_t total[MAX_BINS]
-    cdef uint64_t sq_lo[MAX_BINS]
-    cdef uint64_t sq_hi[MAX_BINS]
-    cdef Py_ssize_t k, size = flat.shape[0]
+    if b >= <int> side.ceiling:
+        return side.n
+    cdef double edge = (b + 1) / side.scale + side.low - side.row
+    cdef double guess = side.offset + sqrt(edge) if edge > 0.0 else -1.0
+    cdef Py_ssize_t hint, probe, gap = 1
+    cdef Py_ssize_t below = j, above = side.n  # bin(below) <= b; above == n or above b
+    if not guess > j + 1:  # NaN too
+        hint = j + 1
+    elif guess >= side.n:
+        hint = side.n
+    else:
+        hint = <Py_ssize_t> ceil(guess)
+    if hint < side.n and _side_bin(side, hint) <= b:
+        below = hint
+        while below + gap < side.n:
+            probe = below + gap
+            if _side_bin(side, probe) > b:
+                above = probe
+                break
+            below = probe
+            gap *= 2
+    else:
+        above = hint
+        while above - gap > below:
+            probe = above - gap
+            if _side_bin(side, probe) <= b:
+                below = probe
+                break
+            above = probe
+            gap *= 2
+    while above - below > 1:
+        probe = below + (above - below) // 2
+        if _side_bin(side, probe) > b:
+            above = probe
+        else:
+            below = probe
+    return above
+
+
+cdef struct _Runs:
+    # One row's runs of equal bin: columns [starts[i], stops[i]) are all in bins[i].
+    Py_ssize_t count
+    Py_ssize_t starts[2 * MAX_BINS]
+    Py_ssize_t stops[2 * MAX_BINS]
+    uint8_t bins[2 * MAX_BINS]
+
+
+cdef void _side_runs(_Side* side, _Runs* runs) noexcept nogil:
+    """Append the runs of one side (at most one per bin: the bins only grow)."""
+    cdef Py_ssize_t j = 0, end, i
     cdef int b
-    for b in range(MAX_BINS):
-        n[b] = 0
-        total[b] = 0
-        sq_lo[b] = 0
-        sq_hi[b] = 0
-    cdef uint64_t run_n = 0, run_total = 0, run_lo = 0, run_hi = 0, v, square
-    cdef uint64_t low = 0xFFFFFFFFFFFFFFFF, high = 0
+    while j < side.n:
+        b = _side_bin(side, j)
+        end = _run_end(side, j, b)
+        i = runs.count
+        if side.step > 0:
+            runs.starts[i] = side.origin + j
+            runs.stops[i] = side.origin + end
+        else:
+            runs.starts[i] = side.origin - end + 1
+            runs.stops[i] = side.origin - j + 1
+        runs.bins[i] = <uint8_t> b
+        runs.count = i + 1
+        j = end
+
+
+cdef void _row_runs(
+    double row, const double[::1] dx2, double bx, Py_ssize_t split,
+    double low, double scale, double ceiling, _Runs* runs,
+) noexcept nogil:
+    """The runs of one row (squared row distance ``row``): left of ``split`` the
+    squared column distances ``dx2`` fall towards the beam, from it on they rise, so
+    each side is at most one run per bin."""
+    cdef _Side side
+    cdef Py_ssize_t width = dx2.shape[0]
+    side.dx2 = &dx2[0]
+    side.row = row
+    side.low = low
+    side.scale = scale
+    side.ceiling = ceiling
+    runs.count = 0
+    side.origin, side.step, side.n = split, 1, width - split
+    side.offset = bx - split
+    _side_runs(&side, runs)
+    side.origin, side.step, side.n = split - 1, -1, split
+    side.offset = (split - 1) - bx
+    _side_runs(&side, runs)
+
+
+cdef struct _Sums:
+    uint64_t n[MAX_BINS]
+    uint64_t total[MAX_BINS]
+    uint64_t sq_lo[MAX_BINS]
+    uint64_t sq_hi[MAX_BINS]
+    uint64_t low
+    uint64_t high
+
+
+cdef inline void _add_squares(_Sums* sums, int b, uint64_t lo, uint64_t hi) noexcept nogil:
+    sums.sq_lo[b] += lo
+    sums.sq_hi[b] += hi + (sums.sq_lo[b] < lo)
+
+
+cdef void _run_sums(
+    const pixel_t* p, Py_ssize_t length, int b, bint skip, uint64_t left_out, _Sums* sums
+) noexcept nogil:
+    """Add one run (``length`` >= 1 pixels of bin ``b``) to the sums.
+
+    The usual run holds no sentinel and small enough values for its squares to sum in
+    64 bits: then count, sum and squares are plain loops the compiler vectorises; else
+    pixel by pixel, squares carried into a second word.
+    """
+    cdef Py_ssize_t k
+    cdef pixel_t lo = p[0], hi = p[0], v
+    cdef uint64_t total = 0, square = 0, carry = 0, s
+    cdef uint32_t w
+    for k in range(length):
+        v = p[k]
+        lo = v if v < lo else lo
+        hi = v if v > hi else hi
+        total += v
+    if not skip or left_out < lo or left_out > hi:
+        if hi <= 0xFFFF:  # squares below 2**32: summed in 64 bits without carry
+            for k in range(length):
+                w = p[k]
+                square += <uint32_t> (w * w)
+        else:
+            for k in range(length):
+                s = <uint64_t> p[k] * p[k]
+                square += s
+                carry += square < s
+        sums.n[b] += length
+        sums.low = lo if lo < sums.low else sums.low
+        sums.high = hi if hi > sums.high else sums.high
+    else:
+        total = 0
+        for k in range(length):
+            v = p[k]
+            if v == left_out:
+                continue
+            sums.n[b] += 1
+            total += v
+            s = <uint64_t> v * v
+            square += s
+            carry += square < s
+            sums.low = v if v < sums.low else sums.low
+            sums.high = v if v > sums.high else sums.high
+    sums.total[b] += total
+    _add_squares(sums, b, square, carry)
+
+
+def ring_sums(
+    const pixel_t[:, ::1] pixels,
+    const double[::1] dy2,
+    const double[::1] dx2,
+    double bx,
+    Py_ssize_t split,
+    double low,
+    double scale,
+    int top_bin,
+    int count,
+    int64_t sentinel,
+):
+    """Per-bin pixel count, sum and sum of squares, and the min/max, of the pixels not
+    equal to ``sentinel`` (-1: none is left out), each pixel in the bin
+    :func:`ring_bins` gives it (same arguments; ``split``: the first column at or right
+    of the beam, ``bx``). Exact: sums in 64 bits, squares in 128 (two 64-bit words),
+    returned as Python ints.
+
+    Returns ``(counts, totals, squares, low, high)``; low/high are None when no pixel is
+    counted. No bin image is made: each row is cut into its runs of one bin (at most two
+    per bin, found by search), and each run is summed in a tight loop.
+    """
+    if not 1 <= count <= MAX_BINS - 1 or not 0 <= top_bin < count:
+        raise ValueError(f"bins {count} (top {top_bin}) outside 1..{MAX_BINS - 1}")
+    cdef _Sums* sums = <_Sums*> calloc(1, sizeof(_Sums))
+    cdef _Runs* runs = <_Runs*> malloc(sizeof(_Runs))
+    if sums == NULL or runs == NULL:
+        free(sums)
+        free(runs)
+        raise MemoryError()
+    sums.low = <uint64_t> -1
+    cdef Py_ssize_t r, i, height = pixels.shape[0], width = pixels.shape[1]
     cdef bint skip = sentinel >= 0
     cdef uint64_t left_out = <uint64_t> sentinel if skip else 0
-    cdef uint8_t current = bins[0] if size else 0, here
-    with nogil:
-        for k in range(size):
-            here = bins[k]
-            if here != current:
-                _flush(n, total, sq_lo, sq_hi, current, run_n, run_total, run_lo, run_hi)
-                run_n = 0
-                run_total = 0
-                run_lo = 0
-                run_hi = 0
-                current = here
-            v = flat[k]
-            if skip and v == left_out:
-                continue
-            run_n += 1
-            run_total += v
-            square = v * v  # v < 2**32
-            run_lo += square
-            run_hi += run_lo < square
-            if v < low:
-                low = v
-            if v > high:
-                high = v
-        _flush(n, total, sq_lo, sq_hi, current, run_n, run_total, run_lo, run_hi)
-    counts = [n[b] for b in range(count)]
-    totals = [total[b] for b in range(count)]
-    squares = [(int(sq_hi[b]) << 64) | sq_lo[b] for b in range(count)]
-    if not any(counts):
-        return counts, totals, squares, None, None
-    return counts, totals, squares, int(low), int(high)
+    try:
+        if width:
+            with nogil:
+                for r in range(height):
+                    _row_runs(dy2[r], dx2, bx, split, low, scale, top_bin, runs)
+                    for i in range(runs.count):
+                        _run_sums(&pixels[r, runs.starts[i]], runs.stops[i] - runs.starts[i],
+                                  runs.bins[i], skip, left_out, sums)
+        counts = [sums.n[b] for b in range(count)]
+        totals = [sums.total[b] for b in range(count)]
+        squares = [(int(sums.sq_hi[b]) << 64) | sums.sq_lo[b] for b in range(count)]
+        if not any(counts):
+            return counts, totals, squares, None, None
+        return counts, totals, squares, int(sums.low), int(sums.high)
+    finally:
+        free(sums)
+        free(runs)
 
 
-cdef inline void _flush(
-    uint64_t* n, uint64_t* total, uint64_t* sq_lo, uint64_t* sq_hi, uint8_t b,
-    uint64_t run_n, uint64_t run_total, uint64_t run_lo, uint64_t run_hi,
+cdef inline Py_ssize_t _count_above(
+    const pixel_t* p, Py_ssize_t length, int64_t cut
 ) noexcept nogil:
-    n[b] += run_n
-    total[b] += run_total
-    sq_lo[b] += run_lo
-    sq_hi[b] += run_hi + (sq_lo[b] < run_lo)
+    """How many of ``length`` pixels exceed ``cut``, compared in the pixels' own type."""
+    cdef Py_ssize_t k, found = 0
+    cdef pixel_t limit
+    if cut < 0:
+        return length
+    if cut >= <int64_t> (<pixel_t> -1):
+        return 0
+    limit = <pixel_t> cut
+    for k in range(length):
+        found += p[k] > limit
+    return found
 
 
-def count_above(const pixel_t[::1] flat, const uint8_t[::1] bins, const int64_t[::1] cuts):
-    """Per bin, how many pixels exceed the bin's cut (``flat[k] > cuts[bins[k]]``); a
-    list of ``len(cuts)`` counts (``cuts`` has an entry for every uint8 bin)."""
-    if cuts.shape[0] < MAX_BINS:
+def count_above(
+    const pixel_t[:, ::1] pixels,
+    const double[::1] dy2,
+    const double[::1] dx2,
+    double bx,
+    Py_ssize_t split,
+    double low,
+    double scale,
+    int top_bin,
+    const int64_t[::1] cuts,
+):
+    """Per bin (the bins of :func:`ring_sums`), how many pixels exceed the bin's cut
+    (``v > cuts[bin]``); a list of ``len(cuts)`` counts (an entry for every uint8 bin)."""
+    if cuts.shape[0] < MAX_BINS or not 0 <= top_bin < MAX_BINS:
         raise ValueError(f"cuts needs {MAX_BINS} entries, got {cuts.shape[0]}")
     cdef int64_t found[MAX_BINS]
-    cdef Py_ssize_t k, size = flat.shape[0]
+    cdef _Runs* runs = <_Runs*> malloc(sizeof(_Runs))
+    if runs == NULL:
+        raise MemoryError()
+    cdef Py_ssize_t r, i, height = pixels.shape[0], width = pixels.shape[1]
     cdef int b
     for b in range(MAX_BINS):
         found[b] = 0
-    cdef uint8_t current = bins[0] if size else 0
-    cdef int64_t cut = cuts[current], run = 0
-    with nogil:
-        for k in range(size):
-            if bins[k] != current:  # runs of one bin: count in a register
-                found[current] += run
-                run = 0
-                current = bins[k]
-                cut = cuts[current]
-            run += <int64_t> flat[k] > cut
-        found[current] += run
-    return [found[b] for b in range(MAX_BINS)]
+    try:
+        if width:
+            with nogil:
+                for r in range(height):
+                    _row_runs(dy2[r], dx2, bx, split, low, scale, top_bin, runs)
+                    for i in range(runs.count):
+                        b = runs.bins[i]
+                        found[b] += _count_above(&pixels[r, runs.starts[i]],
+                                                 runs.stops[i] - runs.starts[i], cuts[b])
+        return [found[b] for b in range(MAX_BINS)]
+    finally:
+        free(runs)
 
 
 cdef enum:
