@@ -297,12 +297,15 @@ class ReducedCache(Generic[V]):
         *,
         version: FileVersion | None = None,
         shared: bool = True,
+        keep: bool = True,
     ) -> V:
         """The reduced image of ``path`` for ``view_token``; ``compute`` runs on a miss.
 
         ``version`` is the caller's fresh :func:`stat_version` of ``path`` (stat'ed here
-        when not given). ``shared=False`` keeps the value in this process only (no Redis
-        read, lock or write: zoom tiles, see ``Settings.share_zoomed_views``).
+        when not given). ``shared=False`` computes the value in this process (no Redis
+        read, lock or write: zoom tiles, see ``Settings.share_zoomed_views``) and keeps
+        it in the LRU unless ``keep=False`` (then it is only shared with the callers
+        asking for it at the same time).
         ``compute``'s DataUnavailable (and any other error) propagates and nothing is
         cached, so the next request tries again. How the value was found goes to the
         enclosing :func:`report_outcome` block, if any.
@@ -314,8 +317,12 @@ class ReducedCache(Generic[V]):
             self._hits.note(key)
             note_outcome("lru")
             return value
-        load = self._load if shared else self._compute_here
-        value, outcome = self._flights.do(key, lambda: load(key, version, compute))
+        if shared:
+            value, outcome = self._flights.do(key, lambda: self._load(key, version, compute))
+        else:
+            value, outcome = self._flights.do(
+                key, lambda: self._compute_here(key, version, compute, keep=keep)
+            )
         note_outcome(outcome)
         return value
 
@@ -344,10 +351,11 @@ class ReducedCache(Generic[V]):
     # -- miss path --------------------------------------------------------------------
 
     def _compute_here(
-        self, key: str, version: FileVersion, compute: Callable[[FileVersion], V]
+        self, key: str, version: FileVersion, compute: Callable[[FileVersion], V], *, keep: bool
     ) -> tuple[V, CacheOutcome]:
         value = compute(version)
-        self.lru.put(key, value, value.nbytes)
+        if keep:
+            self.lru.put(key, value, value.nbytes)
         self._computed_here.note()
         return value, "computed"
 

@@ -73,11 +73,12 @@ class Settings:
     # are reduced without decoding it again: room for two Eiger2 16M uint32 frames
     # (4148 x 4362 x 4 B = 72.4 MB each). 0: off.
     frame_lru_max_bytes: int = 160 * 1024 * 1024
-    # Whether zoomed views (tiles) go to the cache Redis too. Off: a tile is kept in the
-    # worker's LRU only. Recomputing it from the frame LRU costs less than storing it
-    # (4 MB per 1024 px uint32 tile, 28 tiles for one frame looked over at zoom 2-8),
-    # the store held a single-threaded Redis, which carries every request, for ~10 ms
-    # per tile, and tiles would evict the views of other frames from the budget.
+    # Whether zoomed views (tiles) go to the cache Redis too. Off: a tile is reduced in
+    # the worker and only its JPEG is kept there (Service.reduced says why).
+    # Recomputing it from the frame LRU costs less than storing it (4 MB per 1024 px
+    # uint32 tile, 28 tiles for one frame looked over at zoom 2-8), the store held a
+    # single-threaded Redis, which carries every request, for ~10 ms per tile, and
+    # tiles would evict the views of other frames from the budget.
     share_zoomed_views: bool = False
     max_xsize: int = 10000
     # Cost limits against one user starving a host: pixels of one view (a 10000 px view

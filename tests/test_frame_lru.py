@@ -162,11 +162,20 @@ def _cached_in_redis(svc: Service, master: Path, params: ViewParams) -> bool:
         client.close()
 
 
-@pytest.mark.parametrize("shared", [False, True])
-def test_zoomed_views_stay_in_the_worker_unless_shared(
-    redis_url: str, master: Path, reads: list[int], shared: bool
+@pytest.mark.parametrize(
+    "case",  # share_zoomed_views, frame_lru_max_bytes, tile kept in the LRU
+    [(False, 160 << 20, False), (True, 160 << 20, True), (False, 0, True)],
+)
+def test_zoomed_views_are_reduced_again_from_the_frame_lru_unless_shared(
+    redis_url: str, master: Path, reads: list[int], case: tuple[bool, int, bool]
 ) -> None:
-    svc = _counting_service(redis_url, reads, share_zoomed_views=shared)
+    """A tile is in Redis only when shared. Not shared, its reduced image is not kept
+    either while the frame LRU holds the frame: a second reduction (another contrast)
+    starts from the decoded frame, with no decode; without a frame LRU it is kept."""
+    shared, frame_lru_max_bytes, kept = case
+    svc = _counting_service(
+        redis_url, reads, share_zoomed_views=shared, frame_lru_max_bytes=frame_lru_max_bytes
+    )
     whole, tile = ViewParams(2, 96), ViewParams(2, 96, 2.0, 1.0, 0.0)
     try:
         for params in (whole, tile):
@@ -174,10 +183,15 @@ def test_zoomed_views_stay_in_the_worker_unless_shared(
                       "segcol": params.segcol, "segrow": params.segrow})  # fmt: skip
         assert _cached_in_redis(svc, master, whole)
         assert _cached_in_redis(svc, master, tile) is shared
-        assert svc.cache.stats()["computed"] == 2  # a tile kept here still counts
-        with report_outcome() as outcome:  # and is served from this worker's LRU
-            svc.reduced(str(master), tile)
-        assert outcome.outcome == "lru" and reads == [2]
+        assert svc.cache.stats()["computed"] == 2  # a tile computed here still counts
+        with report_outcome() as outcome:
+            again = svc.reduced(str(master), tile)
+        assert outcome.outcome == ("lru" if kept else "computed")
+        assert reads == ([2] if frame_lru_max_bytes else [2, 2])
+        with report_outcome():
+            first = svc.reduced(str(master), tile)
+        np.testing.assert_array_equal(first.pixels, again.pixels)
+        assert first.meta == again.meta
     finally:
         svc.close()
 
