@@ -22,9 +22,9 @@ from istasks.core.reduce import Window
 from istasks.core.stats import (
     RING_BINS,
     BinSums,
-    Layout,
     image_stats,
     ring_bins,
+    ring_layout,
     spot_floor,
     spots_per_bin,
 )
@@ -323,7 +323,7 @@ def test_run_kernels_match_the_bin_image(
     whose squares carry past 64 bits, a sentinel inside or outside a run."""
     pixels, centre, count, sentinel = view
     bins = ring_bins(pixels.shape, centre, count)
-    layout = Layout.of(pixels.shape, centre, count)
+    layout = ring_layout(pixels.shape, centre, count)
     assert BinSums.of(pixels, layout, count, sentinel) == bin_image_sums(
         pixels, bins, count, sentinel
     )

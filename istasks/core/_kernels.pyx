@@ -101,33 +101,6 @@ def gather(
                 out[i, j] = src[cols[j]] if cols[j] >= 0 else 0
 
 
-def ring_bins(
-    const double[::1] dy2,
-    const double[::1] dx2,
-    double low,
-    double scale,
-    int top_bin,
-    uint8_t[:, ::1] out,
-):
-    """``out[r, c]`` = trunc(clip((dy2[r] + dx2[c] - low) * scale, 0, top_bin)): the
-    numpy ``add.outer``, ``-=``, ``*=``, ``clip`` and truncating cast, in that order."""
-    cdef Py_ssize_t r, c, height = dy2.shape[0], width = dx2.shape[0]
-    cdef double x, row, ceiling = top_bin
-    cdef const double* across = &dx2[0] if width else NULL
-    cdef uint8_t* dst
-    with nogil:
-        for r in range(height):
-            row = dy2[r]
-            dst = &out[r, 0]
-            for c in range(width):
-                x = row + across[c]
-                x = x - low
-                x = x * scale
-                x = x if x > 0.0 else 0.0
-                x = x if x < ceiling else ceiling
-                dst[c] = <uint8_t> <int> x
-
-
 cdef inline int _bin_of(
     double row, double across, double low, double scale, double ceiling
 ) noexcept nogil:
@@ -233,27 +206,89 @@ cdef void _side_runs(_Side* side, _Runs* runs) noexcept nogil:
         j = end
 
 
-cdef void _row_runs(
-    double row, const double[::1] dx2, double bx, Py_ssize_t split,
-    double low, double scale, double ceiling, _Runs* runs,
-) noexcept nogil:
-    """The runs of one row (squared row distance ``row``): left of ``split`` the
-    squared column distances ``dx2`` fall towards the beam, from it on they rise, so
-    each side is at most one run per bin."""
-    cdef _Side side
-    cdef Py_ssize_t width = dx2.shape[0]
-    side.dx2 = &dx2[0]
-    side.row = row
-    side.low = low
-    side.scale = scale
-    side.ceiling = ceiling
-    runs.count = 0
-    side.origin, side.step, side.n = split, 1, width - split
-    side.offset = bx - split
-    _side_runs(&side, runs)
-    side.origin, side.step, side.n = split - 1, -1, split
-    side.offset = (split - 1) - bx
-    _side_runs(&side, runs)
+cdef class RingLayout:
+    """The ring geometry of a view as the run kernels take it: squared row and column
+    distances from the beam (``dy2``, ``dx2``), the beam's column ``bx``, ``split`` (the
+    first column at or right of it), and the bin formula's ``low``, ``scale`` and top bin
+    (:func:`ring_bins` on the same values gives each pixel the same bin)."""
+
+    cdef const double[::1] dy2
+    cdef const double[::1] dx2
+    cdef readonly double bx, low, scale
+    cdef readonly Py_ssize_t split
+    cdef readonly int top_bin
+
+    def __init__(
+        self,
+        const double[::1] dy2,
+        const double[::1] dx2,
+        double bx,
+        Py_ssize_t split,
+        double low,
+        double scale,
+        int top_bin,
+    ):
+        if not 0 <= split <= dx2.shape[0] or not 0 <= top_bin < MAX_BINS:
+            raise ValueError(f"split {split} or top bin {top_bin} out of range")
+        self.dy2, self.dx2, self.bx, self.split = dy2, dx2, bx, split
+        self.low, self.scale, self.top_bin = low, scale, top_bin
+
+    @property
+    def shape(self):
+        """(rows, columns) of the view."""
+        return self.dy2.shape[0], self.dx2.shape[0]
+
+    cdef void row_runs(self, Py_ssize_t row, _Runs* runs) noexcept nogil:
+        """The runs of one row: left of ``split`` the squared column distances fall
+        towards the beam, from it on they rise, so each side is at most one run per
+        bin."""
+        cdef _Side side
+        cdef Py_ssize_t width = self.dx2.shape[0]
+        runs.count = 0
+        if width == 0:
+            return
+        side.dx2 = &self.dx2[0]
+        side.row = self.dy2[row]
+        side.low = self.low
+        side.scale = self.scale
+        side.ceiling = self.top_bin
+        side.origin, side.step, side.n = self.split, 1, width - self.split
+        side.offset = self.bx - self.split
+        _side_runs(&side, runs)
+        side.origin, side.step, side.n = self.split - 1, -1, self.split
+        side.offset = (self.split - 1) - self.bx
+        _side_runs(&side, runs)
+
+
+cdef _Runs* _new_runs(RingLayout layout, const pixel_t[:, ::1] pixels, Py_ssize_t first_row) except NULL:
+    """A runs buffer, once the rows and columns of ``pixels`` are checked against the
+    layout (rows from ``first_row``)."""
+    if (first_row < 0 or first_row + pixels.shape[0] > layout.dy2.shape[0]
+            or pixels.shape[1] != layout.dx2.shape[0]):
+        raise ValueError(f"pixels {pixels.shape[0]} x {pixels.shape[1]} from row {first_row}"
+                         f" do not fit the layout {layout.shape}")
+    cdef _Runs* runs = <_Runs*> malloc(sizeof(_Runs))
+    if runs == NULL:
+        raise MemoryError()
+    return runs
+
+
+def ring_bins(RingLayout layout not None, Py_ssize_t first_row, uint8_t[:, ::1] out):
+    """``out[r, c]`` = the bin of pixel (``first_row + r``, ``c``): trunc(clip((dy2[r] +
+    dx2[c] - low) * scale, 0, top_bin)), the numpy ``add.outer``, ``-=``, ``*=``,
+    ``clip`` and truncating cast, in that order (the bin image the run kernels avoid)."""
+    if (first_row < 0 or first_row + out.shape[0] > layout.dy2.shape[0]
+            or out.shape[1] != layout.dx2.shape[0]):
+        raise ValueError(f"bins {out.shape[0]} x {out.shape[1]} from row {first_row}"
+                         f" do not fit the layout {layout.shape}")
+    cdef Py_ssize_t r, c, height = out.shape[0], width = out.shape[1]
+    cdef double row, ceiling = layout.top_bin
+    with nogil:
+        for r in range(height):
+            row = layout.dy2[first_row + r]
+            for c in range(width):
+                out[r, c] = <uint8_t> _bin_of(row, layout.dx2[c], layout.low, layout.scale,
+                                              ceiling)
 
 
 cdef struct _Sums:
@@ -320,46 +355,38 @@ cdef void _run_sums(
 
 def ring_sums(
     const pixel_t[:, ::1] pixels,
-    const double[::1] dy2,
-    const double[::1] dx2,
-    double bx,
-    Py_ssize_t split,
-    double low,
-    double scale,
-    int top_bin,
+    RingLayout layout not None,
+    Py_ssize_t first_row,
     int count,
     int64_t sentinel,
 ):
     """Per-bin pixel count, sum and sum of squares, and the min/max, of the pixels not
-    equal to ``sentinel`` (-1: none is left out), each pixel in the bin
-    :func:`ring_bins` gives it (same arguments; ``split``: the first column at or right
-    of the beam, ``bx``). Exact: sums in 64 bits, squares in 128 (two 64-bit words),
-    returned as Python ints.
+    equal to ``sentinel`` (-1: none is left out), each pixel in its bin of ``layout``
+    (``pixels`` are the layout's rows from ``first_row`` on). Exact: sums in 64 bits,
+    squares in 128 (two 64-bit words), returned as Python ints.
 
     Returns ``(counts, totals, squares, low, high)``; low/high are None when no pixel is
     counted. No bin image is made: each row is cut into its runs of one bin (at most two
     per bin, found by search), and each run is summed in a tight loop.
     """
-    if not 1 <= count <= MAX_BINS - 1 or not 0 <= top_bin < count:
-        raise ValueError(f"bins {count} (top {top_bin}) outside 1..{MAX_BINS - 1}")
+    if not 1 <= count <= MAX_BINS - 1 or not layout.top_bin < count:
+        raise ValueError(f"bins {count} (top {layout.top_bin}) outside 1..{MAX_BINS - 1}")
+    cdef _Runs* runs = _new_runs(layout, pixels, first_row)
     cdef _Sums* sums = <_Sums*> calloc(1, sizeof(_Sums))
-    cdef _Runs* runs = <_Runs*> malloc(sizeof(_Runs))
-    if sums == NULL or runs == NULL:
-        free(sums)
+    if sums == NULL:
         free(runs)
         raise MemoryError()
     sums.low = <uint64_t> -1
-    cdef Py_ssize_t r, i, height = pixels.shape[0], width = pixels.shape[1]
+    cdef Py_ssize_t r, i, height = pixels.shape[0]
     cdef bint skip = sentinel >= 0
     cdef uint64_t left_out = <uint64_t> sentinel if skip else 0
     try:
-        if width:
-            with nogil:
-                for r in range(height):
-                    _row_runs(dy2[r], dx2, bx, split, low, scale, top_bin, runs)
-                    for i in range(runs.count):
-                        _run_sums(&pixels[r, runs.starts[i]], runs.stops[i] - runs.starts[i],
-                                  runs.bins[i], skip, left_out, sums)
+        with nogil:
+            for r in range(height):
+                layout.row_runs(first_row + r, runs)
+                for i in range(runs.count):
+                    _run_sums(&pixels[r, runs.starts[i]], runs.stops[i] - runs.starts[i],
+                              runs.bins[i], skip, left_out, sums)
         counts = [sums.n[b] for b in range(count)]
         totals = [sums.total[b] for b in range(count)]
         squares = [(int(sums.sq_hi[b]) << 64) | sums.sq_lo[b] for b in range(count)]
@@ -389,36 +416,28 @@ cdef inline Py_ssize_t _count_above(
 
 def count_above(
     const pixel_t[:, ::1] pixels,
-    const double[::1] dy2,
-    const double[::1] dx2,
-    double bx,
-    Py_ssize_t split,
-    double low,
-    double scale,
-    int top_bin,
+    RingLayout layout not None,
+    Py_ssize_t first_row,
     const int64_t[::1] cuts,
 ):
     """Per bin (the bins of :func:`ring_sums`), how many pixels exceed the bin's cut
     (``v > cuts[bin]``); a list of ``len(cuts)`` counts (an entry for every uint8 bin)."""
-    if cuts.shape[0] < MAX_BINS or not 0 <= top_bin < MAX_BINS:
+    if cuts.shape[0] < MAX_BINS:
         raise ValueError(f"cuts needs {MAX_BINS} entries, got {cuts.shape[0]}")
     cdef int64_t found[MAX_BINS]
-    cdef _Runs* runs = <_Runs*> malloc(sizeof(_Runs))
-    if runs == NULL:
-        raise MemoryError()
-    cdef Py_ssize_t r, i, height = pixels.shape[0], width = pixels.shape[1]
+    cdef _Runs* runs = _new_runs(layout, pixels, first_row)
+    cdef Py_ssize_t r, i, height = pixels.shape[0]
     cdef int b
     for b in range(MAX_BINS):
         found[b] = 0
     try:
-        if width:
-            with nogil:
-                for r in range(height):
-                    _row_runs(dy2[r], dx2, bx, split, low, scale, top_bin, runs)
-                    for i in range(runs.count):
-                        b = runs.bins[i]
-                        found[b] += _count_above(&pixels[r, runs.starts[i]],
-                                                 runs.stops[i] - runs.starts[i], cuts[b])
+        with nogil:
+            for r in range(height):
+                layout.row_runs(first_row + r, runs)
+                for i in range(runs.count):
+                    b = runs.bins[i]
+                    found[b] += _count_above(&pixels[r, runs.starts[i]],
+                                             runs.stops[i] - runs.starts[i], cuts[b])
         return [found[b] for b in range(MAX_BINS)]
     finally:
         free(runs)

@@ -42,6 +42,7 @@ import numpy.typing as npt
 
 from istasks.core import _kernels as kernels
 from istasks.core import bands
+from istasks.core._kernels import RingLayout
 
 Pixels = npt.NDArray[np.unsignedinteger[Any]]
 Bins = npt.NDArray[np.uint8]
@@ -53,26 +54,17 @@ Stats = dict[str, int | float]
 
 
 def ring_bins(shape: tuple[int, int], centre: tuple[float, float], bins: int = RING_BINS) -> Bins:
-    """The bin of every pixel of a ``shape`` view with the beam at ``centre`` (spec 5.6).
+    """The bin of every pixel of a ``shape`` view with the beam at ``centre`` (spec 5.6):
+    the reference the run kernels are tested against.
 
     ``centre`` may be anything a double can be: a non-finite range (a zero-wide window
     puts the centre at infinity) puts every pixel in bin 0, as NaN -> INT_MIN did.
     """
-    height, width = shape
-    out = np.zeros(shape, np.uint8)
-    limits = ring_range(shape, centre, bins)
-    if limits is None:
-        return out
-    low_f, _top, scale_f = limits
-    with np.errstate(all="ignore"):
-        dx = np.arange(width, dtype=np.float64) - np.float64(centre[0])
-        dy = np.arange(height, dtype=np.float64) - np.float64(centre[1])
-        dx2, dy2 = dx * dx, dy * dy
-    # Within the corners d2 <= max, so the product is at most ``bins`` (by rounding);
-    # truncation of a value in [0, bins - 1] is what (int) does, below 0 means bin 0.
+    out = np.empty(shape, np.uint8)
+    layout = ring_layout(shape, centre, bins)
 
     def band(start: int, stop: int) -> None:
-        kernels.ring_bins(dy2[start:stop], dx2, low_f, scale_f, bins - 1, out[start:stop])
+        kernels.ring_bins(layout, start, out[start:stop])
 
     bands.over_rows(band, shape)
     return out
@@ -116,42 +108,21 @@ class Ring:
     outer: float | None
 
 
-@dataclass(frozen=True)
-class Layout:
-    """The ring geometry of a view as the kernels take it: squared row and column
-    distances from the beam (``dy2``, ``dx2``), the beam column ``bx`` and ``split``,
-    the first column at or right of it, and the bin formula's ``low``, ``scale`` and
-    top bin (:func:`ring_range`). A view whose range is not finite has every pixel in
-    bin 0: ``scale`` 0 and top bin 0 say so."""
-
-    dy2: npt.NDArray[np.float64]
-    dx2: npt.NDArray[np.float64]
-    bx: float
-    split: int
-    low: float
-    scale: float
-    top_bin: int
-
-    @classmethod
-    def of(cls, shape: tuple[int, int], centre: tuple[float, float], bins: int) -> Layout:
-        """The layout of a ``shape`` view with the beam at ``centre`` (the doubles of
-        :func:`ring_bins`, so each pixel lands in the same bin)."""
-        height, width = shape
-        limits = ring_range(shape, centre, bins)
-        if limits is None:
-            return cls(np.zeros(height), np.zeros(width), 0.0, 0, 0.0, 0.0, 0)
-        low, _top, scale = limits
-        dx = np.arange(width, dtype=np.float64) - np.float64(centre[0])
-        dy = np.arange(height, dtype=np.float64) - np.float64(centre[1])
-        split = int(np.searchsorted(dx, 0.0, side="left"))
-        return cls(dy * dy, dx * dx, float(centre[0]), split, low, scale, bins - 1)
-
-    def args(
-        self, start: int, stop: int
-    ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], float, int, float, float, int]:
-        """The kernels' geometry arguments for rows ``[start, stop)``."""
-        return (self.dy2[start:stop], self.dx2, self.bx, self.split, self.low, self.scale,
-                self.top_bin)  # fmt: skip
+def ring_layout(shape: tuple[int, int], centre: tuple[float, float], bins: int) -> RingLayout:
+    """The ring geometry of a ``shape`` view with the beam at ``centre``, as the run
+    kernels take it (the doubles of :func:`ring_bins`, so each pixel lands in the same
+    bin). A view whose range is not finite has every pixel in bin 0: scale 0, top bin 0."""
+    height, width = shape
+    limits = ring_range(shape, centre, bins)
+    if limits is None:
+        return RingLayout(np.zeros(height), np.zeros(width), 0.0, 0, 0.0, 0.0, 0)
+    low, _top, scale = limits
+    # Within the corners d2 <= max, so the product is at most ``bins`` (by rounding);
+    # truncation of a value in [0, bins - 1] is what (int) does, below 0 means bin 0.
+    dx = np.arange(width, dtype=np.float64) - np.float64(centre[0])
+    dy = np.arange(height, dtype=np.float64) - np.float64(centre[1])
+    split = int(np.searchsorted(dx, 0.0, side="left"))  # the first column with dx >= 0
+    return RingLayout(dy * dy, dx * dx, float(centre[0]), split, low, scale, bins - 1)
 
 
 @dataclass(frozen=True)
@@ -166,13 +137,13 @@ class BinSums:
     high: int | None
 
     @classmethod
-    def of(cls, pixels: Pixels, layout: Layout, count: int, sentinel: int | None) -> BinSums:
+    def of(cls, pixels: Pixels, layout: RingLayout, count: int, sentinel: int | None) -> BinSums:
         """Sums of ``pixels`` per bin (``count`` of them), leaving out pixels equal to
         ``sentinel``: one compiled pass per band of rows, exact in 64/128-bit integers."""
         left_out = -1 if sentinel is None or sentinel < 0 else sentinel
 
         def band(a: int, b: int) -> tuple[Any, ...]:
-            return kernels.ring_sums(pixels[a:b], *layout.args(a, b), count, left_out)
+            return kernels.ring_sums(pixels[a:b], layout, a, count, left_out)
 
         parts = bands.over_rows(band, (pixels.shape[0], pixels.shape[1]))
         n, total, squares = (
@@ -210,7 +181,7 @@ def analyse(
     """:func:`image_stats` and, from the same passes, each ring bin's own numbers (the
     viewer's "is my data any good" panel)."""
     pixels = np.ascontiguousarray(pixels)
-    layout = Layout.of((pixels.shape[0], pixels.shape[1]), centre, bins)
+    layout = ring_layout((pixels.shape[0], pixels.shape[1]), centre, bins)
     sums = BinSums.of(pixels, layout, bins, sentinel)
     levels = [
         _mean_rms(*bin_sums) for bin_sums in zip(sums.count, sums.total, sums.squares, strict=True)
@@ -262,7 +233,7 @@ def spot_floor(mean: float, rms: float, sensitivity: float) -> int | None:
     return v
 
 
-def spots_per_bin(pixels: Pixels, layout: Layout, floors: list[int | None]) -> list[int]:
+def spots_per_bin(pixels: Pixels, layout: RingLayout, floors: list[int | None]) -> list[int]:
     """Per bin, the pixels at or above its spot floor (every stored pixel counts)."""
     top = int(np.iinfo(pixels.dtype).max)
     # Spot iff v > floor - 1; a floor above the dtype can never be reached.
@@ -271,7 +242,7 @@ def spots_per_bin(pixels: Pixels, layout: Layout, floors: list[int | None]) -> l
     table[: len(cuts)] = cuts
 
     def band(a: int, b: int) -> list[int]:
-        return kernels.count_above(pixels[a:b], *layout.args(a, b), table)
+        return kernels.count_above(pixels[a:b], layout, a, table)
 
     parts = bands.over_rows(band, (pixels.shape[0], pixels.shape[1]))
     return [sum(found) for found in zip(*parts, strict=True)][: len(floors)]
