@@ -228,6 +228,11 @@ class ByteLRU(Generic[T]):
         with self._lock:
             return self._bytes
 
+    def __contains__(self, key: str) -> bool:
+        """Whether ``key`` is held (its place in the LRU order unchanged)."""
+        with self._lock:
+            return key in self._items
+
     def __len__(self) -> int:
         with self._lock:
             return len(self._items)

@@ -270,22 +270,23 @@ class Service:
 
         token = params.cache_token(fold=self.settings.fold_edges)
         shared = params.zoom <= 1.0 or self.settings.share_zoomed_views
-        # A tile left out of Redis is not kept in this worker either while the frame LRU
-        # can hold its frame: its JPEG is kept (the JPEG LRU), and a new contrast reduces
-        # it again from the decoded frame in ~3 ms. Kept, every tile took fresh memory (4
+        version = version or stat_version(path)
+        # A tile left out of Redis is not kept in this worker either while its frame is in
+        # the frame LRU: its JPEG is kept (the JPEG LRU), and a new contrast reduces it
+        # again from the decoded frame in ~3 ms. Kept, every tile took fresh memory (4
         # MB for 1024 px uint32) that the kernel had to fault in and zero: on the
         # benchmark host 1-8 ms per tile, measured inside the worker (the reduction of a
         # zoom-4 tile, p50 of 48, 2.6-7.4 ms kept against 1.2-1.5 ms not kept; tile p50
         # end to end 15.3-19.4 against 11.3-14.3 ms in alternating runs). Tiles no longer
         # evict whole views from the LRU either.
-        keep = shared or self.frames.max_bytes == 0
+        keep = shared or frame_key(version, params.frame) not in self.frames
         return self.cache.get(path, token, compute, version=version, shared=shared, keep=keep)
 
     def decoded(self, version: FileVersion, number: int) -> Frame:
         """Frame ``number`` of the file at ``version``, prepared for reduction: from the
         frame LRU, or read once however many threads ask for it at the same time (the
         tiles of a zoom arrive together)."""
-        key = f"{version.path}\0{version.mtime_ns}\0{version.size}\0{number}"
+        key = frame_key(version, number)
         frame = self.frames.get(key)
         if frame is not None:
             return frame
@@ -389,6 +390,11 @@ def build_service(settings: Settings, identity: Identity, *, threads: int | None
     # Index jobs may run for many minutes; always leave a thread for views (bug 8/23).
     slots = threading.BoundedSemaphore(max(1, (threads or settings.worker_concurrency) - 1))
     return Service(settings, cache, readers, progress, slots)
+
+
+def frame_key(version: FileVersion, number: int) -> str:
+    """The frame LRU's key of frame ``number`` of the file at ``version``."""
+    return f"{version.path}\0{version.mtime_ns}\0{version.size}\0{number}"
 
 
 def resolve_path(fn: str) -> str:
