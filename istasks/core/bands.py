@@ -90,11 +90,6 @@ def over_rows(work: Callable[[int, int], T], shape: tuple[int, int]) -> list[T]:
     return run(work, bands(*shape))
 
 
-def over_flat(work: Callable[[int, int], T], size: int) -> list[T]:
-    """``work(first, end)`` over contiguous parts of a flat image of ``size`` pixels."""
-    return run(work, bands(size, 1))
-
-
 def run(work: Callable[[int, int], T], ranges: list[tuple[int, int]]) -> list[T]:
     """``work(start, stop)`` for every range, shared out between this thread and the
     pool's as each takes the next range left; the first exception propagates, once
