@@ -16,6 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from istasks.core import _kernels as kernels
 from istasks.core.params import ViewParams
 from istasks.core.readers.base import Frame, PixelMask
 from istasks.core.reduce import Window
@@ -332,3 +333,14 @@ def test_run_kernels_match_the_bin_image(
     expected = [int((pixels[bins == b] >= f).sum()) if f is not None else 0
                 for b, f in enumerate(floors)]  # fmt: skip
     assert spots_per_bin(pixels, layout, floors) == expected
+
+
+def test_run_kernels_refuse_pixels_outside_their_layout() -> None:
+    """A band of rows is checked against the layout before any pixel is read."""
+    layout = ring_layout((10, 12), (3.0, 4.0), RING_BINS)
+    with pytest.raises(ValueError, match="do not fit"):
+        kernels.ring_sums(np.zeros((5, 11), np.uint32), layout, 0, RING_BINS, -1)
+    with pytest.raises(ValueError, match="do not fit"):
+        kernels.count_above(np.zeros((5, 12), np.uint16), layout, 6, np.zeros(256, np.int64))
+    with pytest.raises(ValueError, match="do not fit"):
+        kernels.ring_bins(layout, -1, np.zeros((2, 12), np.uint8))

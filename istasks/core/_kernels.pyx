@@ -238,6 +238,14 @@ cdef class RingLayout:
         """(rows, columns) of the view."""
         return self.dy2.shape[0], self.dx2.shape[0]
 
+    cdef int check_rows(self, Py_ssize_t first_row, Py_ssize_t rows, Py_ssize_t columns) except -1:
+        """ValueError unless ``rows`` x ``columns`` from row ``first_row`` lie in the view
+        (every kernel taking a layout checks its image with this before reading it)."""
+        if first_row < 0 or first_row + rows > self.dy2.shape[0] or columns != self.dx2.shape[0]:
+            raise ValueError(f"{rows} x {columns} pixels from row {first_row} do not fit the"
+                             f" layout {self.shape}")
+        return 0
+
     cdef void row_runs(self, Py_ssize_t row, _Runs* runs) noexcept nogil:
         """The runs of one row: left of ``split`` the squared column distances fall
         towards the beam, from it on they rise, so each side is at most one run per
@@ -260,13 +268,8 @@ cdef class RingLayout:
         _side_runs(&side, runs)
 
 
-cdef _Runs* _new_runs(RingLayout layout, const pixel_t[:, ::1] pixels, Py_ssize_t first_row) except NULL:
-    """A runs buffer, once the rows and columns of ``pixels`` are checked against the
-    layout (rows from ``first_row``)."""
-    if (first_row < 0 or first_row + pixels.shape[0] > layout.dy2.shape[0]
-            or pixels.shape[1] != layout.dx2.shape[0]):
-        raise ValueError(f"pixels {pixels.shape[0]} x {pixels.shape[1]} from row {first_row}"
-                         f" do not fit the layout {layout.shape}")
+cdef _Runs* _new_runs() except NULL:
+    """A runs buffer for :meth:`RingLayout.row_runs` (the caller frees it)."""
     cdef _Runs* runs = <_Runs*> malloc(sizeof(_Runs))
     if runs == NULL:
         raise MemoryError()
@@ -277,10 +280,7 @@ def ring_bins(RingLayout layout not None, Py_ssize_t first_row, uint8_t[:, ::1] 
     """``out[r, c]`` = the bin of pixel (``first_row + r``, ``c``): trunc(clip((dy2[r] +
     dx2[c] - low) * scale, 0, top_bin)), the numpy ``add.outer``, ``-=``, ``*=``,
     ``clip`` and truncating cast, in that order (the bin image the run kernels avoid)."""
-    if (first_row < 0 or first_row + out.shape[0] > layout.dy2.shape[0]
-            or out.shape[1] != layout.dx2.shape[0]):
-        raise ValueError(f"bins {out.shape[0]} x {out.shape[1]} from row {first_row}"
-                         f" do not fit the layout {layout.shape}")
+    layout.check_rows(first_row, out.shape[0], out.shape[1])
     cdef Py_ssize_t r, c, height = out.shape[0], width = out.shape[1]
     cdef double row, ceiling = layout.top_bin
     with nogil:
@@ -371,7 +371,8 @@ def ring_sums(
     """
     if not 1 <= count <= MAX_BINS - 1 or not layout.top_bin < count:
         raise ValueError(f"bins {count} (top {layout.top_bin}) outside 1..{MAX_BINS - 1}")
-    cdef _Runs* runs = _new_runs(layout, pixels, first_row)
+    layout.check_rows(first_row, pixels.shape[0], pixels.shape[1])
+    cdef _Runs* runs = _new_runs()
     cdef _Sums* sums = <_Sums*> calloc(1, sizeof(_Sums))
     if sums == NULL:
         free(runs)
@@ -425,7 +426,8 @@ def count_above(
     if cuts.shape[0] < MAX_BINS:
         raise ValueError(f"cuts needs {MAX_BINS} entries, got {cuts.shape[0]}")
     cdef int64_t found[MAX_BINS]
-    cdef _Runs* runs = _new_runs(layout, pixels, first_row)
+    layout.check_rows(first_row, pixels.shape[0], pixels.shape[1])
+    cdef _Runs* runs = _new_runs()
     cdef Py_ssize_t r, i, height = pixels.shape[0]
     cdef int b
     for b in range(MAX_BINS):
