@@ -74,6 +74,26 @@ def test_jpeg_second_request_is_a_cache_hit(service: Service, master: Path) -> N
     assert second[1] == first[1]
 
 
+def test_warm_view_meta_names_the_path_each_request_sent(
+    service: Service, master: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The JPEG LRU keeps a view's meta frame ready made for the path it was rendered
+    for; the same view asked for by another name of that path (relative to the ESAF
+    home) still reads the ``fn`` it sent."""
+    monkeypatch.chdir(master.parent)
+    job = {"type": "jpeg", "fn": str(master), "frame": 1, "xsize": 128}
+    first = service.jpeg(job)
+    relative = service.jpeg({**job, "fn": master.name})
+    again = service.jpeg(job)
+    assert service.cache.stats()["computed"] == 1  # one reduction
+    assert len(service.jpegs) == 1  # and one rendering, answered from the JPEG LRU
+    assert json.loads(first[1])["fn"] == str(master)
+    assert json.loads(relative[1])["fn"] == master.name
+    assert json.loads(relative[1]) == {**json.loads(first[1]), "fn": master.name}
+    assert again[1] == first[1]
+    assert relative[2] == first[2]
+
+
 def test_jpeg_blank_for_missing_file_says_why(service: Service, tmp_path: Path) -> None:
     job = {"type": "jpeg", "fn": str(tmp_path / "gone_master.h5"), "xsize": 100,
            "label": "gone", "labelHeight": 16}  # fmt: skip
