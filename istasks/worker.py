@@ -208,7 +208,8 @@ class PromptReconnectConsumer(Consumer):  # type: ignore[misc]
 
 
 class StoreOnlyBackend(RedisBackend):  # type: ignore[misc]
-    """The worker's result backend: stores a result without reading its key first.
+    """The worker's result backend: stores a result without reading its key first, and
+    without a transaction around the store and its publish.
 
     Celery GETs the key before every store so that a redelivered task cannot overwrite
     an earlier SUCCESS. Here no task is ever redelivered (acked when a thread takes it,
@@ -216,6 +217,21 @@ class StoreOnlyBackend(RedisBackend):  # type: ignore[misc]
     request), so that GET was a wasted Redis round trip per request
     (0.3-0.4 ms of a warm view in the e2e bench).
     """
+
+    def _set(self, key: str | bytes, value: bytes | str, expires: int | None = None) -> None:
+        """SET with its expiry, then PUBLISH, in one pipelined write.
+
+        Celery wraps the two in MULTI/EXEC and calls ``setex``, which redis-py 8
+        deprecates (a warning raised and filtered on every result). Neither is needed:
+        one connection's commands run in order, so the key exists before the bridge
+        hears the publish. 50-70 us less per 130 kB result measured here.
+        """
+        if expires is None:
+            expires = self.expires
+        with self.client.pipeline(transaction=False) as pipe:
+            pipe.set(key, value, ex=expires or None)
+            pipe.publish(key, value)
+            pipe.execute()
 
     def _store_result(
         self,
@@ -241,6 +257,7 @@ class StoreOnlySentinelBackend(SentinelBackend):  # type: ignore[misc]
     """:class:`StoreOnlyBackend` behind Redis Sentinel (``IS_REDIS_SENTINELS``)."""
 
     _store_result = StoreOnlyBackend._store_result
+    _set = StoreOnlyBackend._set
 
 
 def worker_key(queue: str, settings: Settings) -> bytes:
