@@ -456,7 +456,7 @@ def _gateway(settings: Settings, *, sessions_url: str | None = None) -> Gateway:
     )
     any_id = IdRange(1, 2**32 - 2)
     identities = IdentityResolver("user", uids=any_id, gids=any_id)
-    dispatcher = CeleryDispatcher(create_app(settings), settings)
+    dispatcher = CeleryDispatcher(create_app(settings), settings, send_inline=True)  # as main
     return Gateway(settings, dispatcher, verifier, identities)
 
 

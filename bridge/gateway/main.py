@@ -51,8 +51,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         sessions = SessionVerifier.from_settings(settings)
         identities = IdentityResolver.from_settings(settings)
-        # Not inline: the event loop calls submit(), which must never block it.
-        dispatcher = CeleryDispatcher(create_app(settings), settings, worker_pool(settings))
+        # Inline: the gateway calls submit() from its admission threads only (never from
+        # the event loop, which must not block), so the send needs no further hand-off.
+        dispatcher = CeleryDispatcher(
+            create_app(settings), settings, worker_pool(settings), send_inline=True
+        )
     except (SessionConfigError, ValueError) as exc:
         print(f"is-gateway: {exc}", file=sys.stderr)
         return 2
