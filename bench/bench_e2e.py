@@ -289,9 +289,10 @@ def worker_pids(stack: Stack) -> dict[str, int]:
 
 
 def service_pids(stack: Stack) -> dict[str, int]:
-    """Process ids of the stack's worker(s), bridge, proxy and redis-server."""
+    """Process ids of the stack's worker(s), bridge, proxy, gateway and redis-server."""
     pids = {f"worker {queue}": pid for queue, pid in worker_pids(stack).items()}
-    pids |= {c.name: c.process.pid for c in stack.components if c.name in ("bridge", "proxy")}
+    front = ("bridge", "proxy", "gateway")
+    pids |= {c.name: c.process.pid for c in stack.components if c.name in front}
     if stack.redis is not None:
         pids["redis-server"] = stack.redis.process.pid
     return pids
