@@ -15,6 +15,7 @@ import math
 import os
 import re
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -89,7 +90,7 @@ class RenderedView:
     def meta_frame(self, fn: str) -> bytes:
         """The meta frame for a request naming the file ``fn`` (another path to the same
         file, a link, gets its own ``fn``)."""
-        return self.meta_json if fn == self.fn else _json(dict(self.meta, fn=fn))
+        return self.meta_json if fn == self.fn else _meta_frame(self.meta, fn)
 
 
 class SpotsRequestError(RequestError):
@@ -178,7 +179,7 @@ class Service:
         except (DataUnavailable, OSError) as exc:
             log.info("spots %s: no data (%s)", fn, exc)
             raise SpotsDataError(f"Missing data for job {dumps(edited)}") from exc
-        meta = _reply_meta(reduced, fn)
+        meta = _reply_meta(reduced.meta, fn)
         if job.get("rings") is True and reduced.rings is not None:
             # Asked for by the gateway (its meta endpoint); is.js never sends it, so its
             # replies stay the original's.
@@ -258,7 +259,7 @@ class Service:
             return view
         reduced = self.reduced(fn, params, version=version)
         rendered = render_jpeg(reduced, contrast, label, quality=self.settings.jpeg_quality)
-        meta_json = _json(dict(reduced.meta, fn=fn))
+        meta_json = _meta_frame(reduced.meta, fn)
         view = RenderedView(rendered, reduced.meta, fn, meta_json)
         size = len(rendered.jpeg.data) + len(meta_json) + JPEG_ENTRY_OVERHEAD_BYTES
         self.jpegs.put(key, view, size)
@@ -437,11 +438,14 @@ def _index_request(job: Job) -> IndexRequest:
     )
 
 
-def _reply_meta(reduced: Reduced, fn: str) -> dict[str, Any]:
-    """The reduced image's meta with ``fn`` as requested (the cache is shared per gid)."""
-    meta = dict(reduced.meta)
-    meta["fn"] = fn
-    return meta
+def _reply_meta(meta: Mapping[str, Any], fn: str) -> dict[str, Any]:
+    """A reduced image's meta with ``fn`` as requested (the cache is shared per gid)."""
+    return dict(meta, fn=fn)
+
+
+def _meta_frame(meta: Mapping[str, Any], fn: str) -> bytes:
+    """The reply's meta frame: :func:`_reply_meta` as JSON."""
+    return _json(_reply_meta(meta, fn))
 
 
 def _jpeg_key(reduced_key: str, contrast: ContrastParams, label: LabelParams, quality: int) -> str:
