@@ -345,12 +345,12 @@ class Gateway:
         """The request's pid and identity for ``esaf``, or 401/403/503 (one trip to a
         thread for both: the session's Redis and NSS may block)."""
         pid = _pid(request)
+        return pid, await self._refusals(pid, lambda: self._identity(pid, esaf))
 
-        def admit() -> Identity:
-            session = self._sessions.verify(pid, esaf)
-            return self._identities.resolve(session.user, esaf)
-
-        return pid, await self._refusals(pid, admit)
+    def _identity(self, pid: str, esaf: int) -> Identity:
+        """The session's identity for ``esaf`` (blocking: the session's Redis, NSS)."""
+        session = self._sessions.verify(pid, esaf)
+        return self._identities.resolve(session.user, esaf)
 
     async def _verify(self, pid: str, esaf: int) -> Session:
         return await self._refusals(pid, lambda: self._sessions.verify(pid, esaf))
@@ -397,8 +397,7 @@ class Gateway:
         rid = self._next_rid()
 
         def admit_and_send() -> tuple[Identity, concurrent.futures.Future[list[bytes]]]:
-            session = self._sessions.verify(pid, esaf)
-            identity = self._identities.resolve(session.user, esaf)
+            identity = self._identity(pid, esaf)
             if isinstance(parsed, Problem):
                 raise parsed
             job = {"type": kind, "pid": pid, "esaf": esaf, **parsed}
